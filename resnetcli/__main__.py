@@ -1,0 +1,3 @@
+from resnetcli.cli import main
+
+main()

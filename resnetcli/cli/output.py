@@ -1,0 +1,167 @@
+"""Formatting records for the terminal and for programs: rich tables, JSON, JSONL, CSV, TSV.
+
+Only the CLI formats; core modules hand it plain records (dicts). Machine formats stream: each
+record is written and flushed as soon as it is given, so a consumer reading a pipe sees it at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from enum import Enum
+from typing import IO, Any, Callable, Iterable, Sequence
+
+
+class OutputFormat(str, Enum):
+    """The `--format` choices shared by every subcommand."""
+
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+
+
+def choose_format(requested: OutputFormat | None, stream: IO[str]) -> OutputFormat:
+    """The requested format, or a rich table on a terminal and JSON Lines anywhere else."""
+    if requested is not None:
+        return requested
+    isatty = getattr(stream, "isatty", None)
+    return OutputFormat.table if isatty is not None and isatty() else OutputFormat.jsonl
+
+
+def cell(value: Any) -> str:
+    """A value as text for a CSV or TSV cell: exact numbers, lists in brackets, booleans as true/false."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(cell(v) for v in value) + "]"
+    return str(value)
+
+
+def _table_cell(value: Any) -> str:
+    """A value as text for a human: thousands separators, 4 decimals, yes/no."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return cell(value)
+
+
+class RecordWriter:
+    """Writes a sequence of records in one format.
+
+    `rows` turns a record into the flat rows of the table/CSV/TSV formats (predict's nested top-k
+    becomes one row per rank); JSON and JSONL keep records whole. `document` shapes the single
+    JSON document (default: the list of records).
+    """
+
+    def __init__(
+        self,
+        fmt: OutputFormat,
+        columns: Sequence[str],
+        *,
+        stream: IO[str] | None = None,
+        rows: Callable[[dict], Iterable[dict]] | None = None,
+        title: str | None = None,
+        document: Callable[[list[dict]], Any] | None = None,
+        console=None,
+    ) -> None:
+        self.fmt = fmt
+        self.columns = list(columns)
+        self.stream = stream if stream is not None else sys.stdout
+        self.rows = rows or (lambda record: [record])
+        self.title = title
+        self.document = document
+        self.console = console
+        self._records: list[dict] = []
+        self._csv = None
+        if fmt in (OutputFormat.csv, OutputFormat.tsv):
+            self._csv = csv.DictWriter(
+                self.stream,
+                fieldnames=self.columns,
+                delimiter="," if fmt is OutputFormat.csv else "\t",
+                extrasaction="ignore",
+                lineterminator="\n",
+            )
+            self._csv.writeheader()
+            self.stream.flush()
+
+    def write(self, record: dict) -> None:
+        """Write (or, for table and JSON, keep) one record."""
+        if self.fmt is OutputFormat.jsonl:
+            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.flush()
+        elif self._csv is not None:
+            for row in self.rows(record):
+                self._csv.writerow({key: cell(row.get(key)) for key in self.columns})
+            self.stream.flush()
+        else:
+            self._records.append(record)
+
+    def close(self) -> None:
+        """Write what the format keeps until the end (the table, the JSON document)."""
+        if self.fmt is OutputFormat.json:
+            document = self.document(self._records) if self.document else self._records
+            self.stream.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+            self.stream.flush()
+        elif self.fmt is OutputFormat.table:
+            print_table(self.columns, [row for record in self._records for row in self.rows(record)], self.title, self.stream, self.console)
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def print_table(columns: Sequence[str], rows: Iterable[dict], title: str | None, stream: IO[str], console=None) -> None:
+    """Print rows as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        numeric = column in NUMERIC_COLUMNS
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(_table_cell(row.get(column)) for column in columns))
+    if console is None:
+        isatty = getattr(stream, "isatty", None)
+        # Off a terminal there is no width to fit: never wrap cells (rich would assume 80 columns).
+        console = Console(file=stream, width=None if isatty and isatty() else 100_000)
+    console.print(table)
+
+
+#: Columns right-aligned in tables.
+NUMERIC_COLUMNS = frozenset(
+    {"rank", "index", "prob", "params", "size", "channels", "stride", "mult_adds", "acc@1", "acc@5", "gflops", "file_mb"}
+)
+
+
+def write_document(fmt: OutputFormat, document: dict, sections: dict[str, tuple[Sequence[str], list[dict]]], primary: str, stream: IO[str] | None = None) -> None:
+    """Write a report made of several sections (a summary's layers, totals and parameters).
+
+    JSON gets the whole document; JSONL, CSV and TSV get the rows of the `primary` section; a
+    table shows each non-empty section in turn.
+    """
+    stream = stream if stream is not None else sys.stdout
+    if fmt is OutputFormat.json:
+        stream.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+    elif fmt is OutputFormat.table:
+        for title, (columns, rows) in sections.items():
+            if rows:
+                print_table(columns, rows, title, stream)
+    else:
+        columns, rows = sections[primary]
+        with RecordWriter(fmt, columns, stream=stream) as writer:
+            for row in rows:
+                writer.write(row)
+    stream.flush()

@@ -1,0 +1,62 @@
+"""Domain errors and the exit codes they map to.
+
+Core modules raise these; the CLI turns them into one stderr line and an exit code in one place
+(`resnetcli.cli._ResnetGroup.invoke`). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """Exit codes of the `resnet` command; documented in the README."""
+
+    OK = 0
+    INPUTS_FAILED = 1
+    USAGE = 2
+    WEIGHTS_UNAVAILABLE = 3
+    INTERRUPTED = 130
+
+
+class ResnetError(Exception):
+    """Base class of every error resnetcli reports to the user as a one-line message."""
+
+    exit_status: ExitStatus = ExitStatus.INPUTS_FAILED
+
+
+class UsageError(ResnetError):
+    """The command line names something that does not exist or does not fit together."""
+
+    exit_status = ExitStatus.USAGE
+
+
+class UnknownArchitecture(UsageError):
+    """An architecture name that torchvision's classification registry does not have."""
+
+
+class UnknownWeights(UsageError):
+    """A weights name that the architecture's weights enum does not have."""
+
+
+class WeightsUnavailable(ResnetError):
+    """Weights that cannot be had: not cached while offline, a failed or corrupt download."""
+
+    exit_status = ExitStatus.WEIGHTS_UNAVAILABLE
+
+
+class CheckpointError(WeightsUnavailable):
+    """A checkpoint file that cannot be loaded safely or does not fit the architecture."""
+
+
+class CacheError(WeightsUnavailable):
+    """The weight cache folder cannot be read or written (read-only, full, missing)."""
+
+
+class InputError(ResnetError):
+    """One input (an image file, a URL) cannot be read; the rest of a batch goes on."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason

@@ -1,0 +1,395 @@
+"""The model factory: the one place that resolves architecture and weights names and builds models.
+
+Everything comes from torchvision's own registry (`list_models`, `get_model_builder`,
+`get_model_weights`): architecture names, weights names, download URLs, preprocessing
+(`weights.transforms()`) and labels (`weights.meta["categories"]`). torch and torchvision are
+imported inside the functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+from resnetcli.errors import CheckpointError, UnknownArchitecture, UnknownWeights, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torchvision.models import WeightsEnum
+
+#: The `--weights` value that means "random initialisation".
+NO_WEIGHTS = "none"
+#: The `--weights` value that means "the architecture's recommended weights".
+DEFAULT_WEIGHTS = "DEFAULT"
+
+
+@lru_cache(maxsize=1)
+def architecture_names() -> tuple[str, ...]:
+    """Every image-classification architecture torchvision registers, sorted."""
+    from torchvision import models
+
+    # module=models keeps the classifiers only: detection, segmentation, video and quantized
+    # builders live in sub-packages of torchvision.models.
+    return tuple(models.list_models(module=models))
+
+
+def resolve_architecture(name: str) -> str:
+    """Return the registered architecture called `name` (case-insensitive), or raise with suggestions."""
+    names = architecture_names()
+    wanted = name.strip().lower()
+    if wanted in names:
+        return wanted
+    raise UnknownArchitecture(f"unknown architecture {name!r}{_did_you_mean(wanted, names)}")
+
+
+def weights_enum(arch: str) -> type[WeightsEnum]:
+    """The torchvision weights enum of a registered architecture."""
+    from torchvision import models
+
+    return models.get_model_weights(resolve_architecture(arch))
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    if not close:
+        return " (`resnet list` shows them all)"
+    return "; did you mean " + ", ".join(repr(c) for c in close) + "?"
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What `--weights` resolved to for one architecture.
+
+    `kind` is "pretrained" (a torchvision weights enum member), "none" (random init),
+    "checkpoint" (a local file) or "url" (a checkpoint to fetch into the cache).
+    """
+
+    arch: str
+    kind: str
+    pretrained: WeightsEnum | None = None
+    path: Path | None = None
+    url: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The name shown in output records: `IMAGENET1K_V2`, `none`, a path or a URL."""
+        if self.pretrained is not None:
+            return self.pretrained.name
+        if self.path is not None:
+            return str(self.path)
+        return self.url or NO_WEIGHTS
+
+    @property
+    def reference(self) -> WeightsEnum:
+        """The torchvision weights whose preprocessing and labels apply: the chosen ones, or the default."""
+        return self.pretrained if self.pretrained is not None else weights_enum(self.arch).DEFAULT
+
+
+def resolve_weights(arch: str, spec: str | None = None) -> WeightsChoice:
+    """Resolve a `--weights` value for `arch`: a weights name, `DEFAULT`, `none`, a URL or a file path."""
+    arch = resolve_architecture(arch)
+    enum = weights_enum(arch)
+    if spec is None or spec.strip().upper() == DEFAULT_WEIGHTS:
+        return WeightsChoice(arch, "pretrained", pretrained=enum.DEFAULT)
+    spec = spec.strip()
+    if spec.lower() == NO_WEIGHTS:
+        return WeightsChoice(arch, "none")
+    if spec.lower().startswith(("http://", "https://")):
+        return WeightsChoice(arch, "url", url=spec)
+    member = spec.split(".")[-1].upper() if spec.startswith(enum.__name__ + ".") else spec.upper()
+    if member in enum.__members__:
+        return WeightsChoice(arch, "pretrained", pretrained=enum[member])
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return WeightsChoice(arch, "checkpoint", path=path)
+    if path.exists():
+        raise UsageError(f"--weights {spec}: is a directory, not a checkpoint file")
+    names = list(enum.__members__) + [DEFAULT_WEIGHTS, NO_WEIGHTS]
+    if "/" in spec or "\\" in spec or path.suffix:
+        raise UsageError(f"--weights {spec}: no such checkpoint file")
+    raise UnknownWeights(
+        f"unknown weights {spec!r} for {arch}: choose one of {', '.join(names)}, a checkpoint path or a URL"
+        + (_did_you_mean(member, names) if difflib.get_close_matches(member, names, n=1) else "")
+    )
+
+
+def weights_file_name(weights: WeightsEnum) -> str:
+    """The file name torchvision (and torch.hub's cache) uses for these weights."""
+    from urllib.parse import urlparse
+
+    return Path(urlparse(weights.url).path).name
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from a checkpoint file safely (`weights_only=True`, memory-mapped when possible).
+
+    Accepts a bare state dict, or one saved under "state_dict" or "model" (training scripts and
+    torchvision's references), and strips the "module." prefix that DataParallel adds.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            # Files in torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped.
+            if "mmap" not in str(error) and "zip" not in str(error):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds more than tensors (it would need to run code "
+            f"to unpickle: {first_line})"
+        ) from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(error)})") from None
+    return _unwrap_state_dict(path, loaded)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _unwrap_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
+    import torch
+
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    if loaded and all(k.startswith("module.") for k in loaded):
+        loaded = {k[len("module."):]: v for k, v in loaded.items()}
+    return dict(loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building models
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with what it takes to feed it and read its output."""
+
+    arch: str
+    weights: WeightsChoice
+    model: torch.nn.Module
+    categories: list[str]
+    transforms: Callable[[Any], torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def _quiet_meta_copies() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        yield
+
+
+@contextmanager
+def _serving_state_dict(weights: WeightsEnum, state_dict: Mapping[str, Any]) -> Iterator[None]:
+    """Make `weights.get_state_dict()` return `state_dict` instead of going through torch.hub.
+
+    torchvision's builders set constructor arguments from the weights (num_classes, image_size,
+    transform_input, aux_logits, ...) and then load the file through torch.hub, which unpickles
+    with weights_only=False and trusts a cached file blindly. Calling the builder with the real
+    weights member keeps its construction logic exact for every architecture, while the state dict
+    comes from resnetcli's verified cache and safe loader.
+    """
+    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: state_dict
+    try:
+        yield
+    finally:
+        weights.__dict__.pop("get_state_dict", None)
+
+
+def _has_meta_tensors(model: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+
+
+def _build_with_state_dict(
+    builder: Callable[..., torch.nn.Module],
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    **builder_kwargs: Any,
+) -> torch.nn.Module:
+    """Build on the meta device (no random init) and assign the loaded tensors.
+
+    Falls back to a normal CPU build when the architecture keeps state outside its state dict
+    (non-persistent buffers), which the meta device cannot produce.
+    """
+    import torch
+
+    pretrained = builder_kwargs.get("weights")
+    for device in ("meta", "cpu"):
+        with torch.device(device), _quiet_meta_copies():
+            if pretrained is not None:
+                with _serving_state_dict(pretrained, state_dict):
+                    model = builder(**builder_kwargs)
+            else:
+                model = builder(**builder_kwargs)
+        try:
+            model.load_state_dict(state_dict, strict=True, assign=device == "meta")
+        except RuntimeError as error:
+            raise CheckpointError(f"{source}: does not fit the architecture: {_mismatch_summary(error)}") from None
+        if not _has_meta_tensors(model):
+            return model.eval()
+    raise AssertionError("unreachable: a CPU build has no meta tensors")
+
+
+def _mismatch_summary(error: RuntimeError) -> str:
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    return "; ".join(lines) if lines else _one_line(error)
+
+
+def checkpoint_class_count(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The number of classes a checkpoint's classifier head was trained for.
+
+    Reads it from the tensors whose shape in the architecture starts with the default class count
+    (fc.weight, classifier.1.weight, head.weight, ...) and differs only there in the checkpoint.
+    """
+    import torch
+    from torchvision import models
+
+    default_count = len(weights_enum(arch).DEFAULT.meta["categories"])
+    with torch.device("meta"):
+        reference = models.get_model_builder(arch)(weights=None, num_classes=default_count)
+    expected = reference.state_dict()
+    counts = {
+        tuple(tensor.shape)[0]
+        for key, tensor in state_dict.items()
+        if key in expected
+        and tensor.ndim >= 1
+        and tuple(expected[key].shape)[:1] == (default_count,)
+        and tuple(tensor.shape)[1:] == tuple(expected[key].shape)[1:]
+    }
+    if len(counts) == 1:
+        return counts.pop()
+    return default_count
+
+
+def build_model(
+    choice: WeightsChoice,
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    labels: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Build `choice.arch` in eval mode with the chosen weights.
+
+    `state_dict` carries the tensors for "pretrained", "checkpoint" and "url" choices (the caller
+    gets them from the cache or from `load_state_dict`); "none" gives a random initialisation.
+    `labels` names the classes of a checkpoint whose head differs from the weights' categories.
+    """
+    from torchvision import models
+
+    arch = choice.arch
+    builder = models.get_model_builder(arch)
+    reference = choice.reference
+    categories = list(reference.meta.get("categories") or [])
+    transforms = reference.transforms()
+    source = choice.name
+    notes: list[str] = []
+
+    if choice.kind == "pretrained":
+        if state_dict is None:
+            raise ValueError("pretrained weights need their state dict")
+        model = _build_with_state_dict(builder, state_dict, source, weights=choice.pretrained)
+    elif choice.kind == "none":
+        model = builder(weights=None, num_classes=len(labels) if labels else len(categories)).eval()
+        notes.append(f"{arch} has random weights (--weights none): its labels are meaningless")
+    else:
+        if state_dict is None:
+            raise ValueError("checkpoints need their state dict")
+        class_count = checkpoint_class_count(arch, state_dict)
+        model = _build_with_state_dict(builder, state_dict, source, weights=None, num_classes=class_count)
+        if class_count != len(categories):
+            # A fine-tuned head: without --labels the classes can only be numbered.
+            categories = [f"class_{i}" for i in range(class_count)]
+    if labels is not None:
+        output_count = _output_count(model, len(categories))
+        if len(labels) != output_count:
+            raise UsageError(
+                f"the labels name {len(labels)} classes but the model {source} predicts {output_count}"
+            )
+        categories = list(labels)
+    return LoadedModel(arch, choice, model, categories, transforms, notes)
+
+
+def _output_count(model: torch.nn.Module, fallback: int) -> int:
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int):
+        return num_classes
+    last_linear = None
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            last_linear = module
+    if isinstance(last_linear, torch.nn.Linear):
+        return last_linear.out_features
+    if isinstance(last_linear, torch.nn.Conv2d):
+        return last_linear.out_channels
+    return fallback
+
+
+def build_meta_model(arch: str, num_classes: int | None = None) -> torch.nn.Module:
+    """Build an architecture's structure on the meta device: shapes without memory or random init."""
+    import torch
+    from torchvision import models
+
+    builder = models.get_model_builder(resolve_architecture(arch))
+    kwargs: dict[str, Any] = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    with torch.device("meta"):
+        return builder(**kwargs).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights from the cache
+
+
+def state_dict_for(choice: WeightsChoice, settings=None, on_progress=None) -> dict[str, torch.Tensor] | None:
+    """The tensors of a weights choice: from the verified cache (downloading when allowed) or a file."""
+    from resnetcli import cache
+
+    if choice.kind == "none":
+        return None
+    if choice.kind == "checkpoint":
+        assert choice.path is not None
+        return load_state_dict(choice.path)
+    if choice.kind == "url":
+        url, hint = choice.url, f"resnet fetch --url {choice.url}"
+    else:
+        url, hint = choice.pretrained.url, f"resnet fetch {choice.arch}:{choice.name}"  # type: ignore[union-attr]
+    settings = settings or cache.CacheSettings.from_env()
+    cached = cache.download(url, settings=settings, on_progress=on_progress, fetch_hint=hint)
+    return load_state_dict(cached.path)
+
+
+def load_model(
+    arch: str,
+    weights: str | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    settings=None,
+    on_progress=None,
+) -> LoadedModel:
+    """Resolve names, get the weights (cache, download, file) and build the model: the one entry point."""
+    choice = resolve_weights(arch, weights)
+    return build_model(choice, state_dict=state_dict_for(choice, settings, on_progress), labels=labels)
