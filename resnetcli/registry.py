@@ -378,7 +378,8 @@ def state_dict_for(choice: WeightsChoice, settings=None, on_progress=None) -> di
     else:
         url, hint = choice.pretrained.url, f"resnet fetch {choice.arch}:{choice.name}"  # type: ignore[union-attr]
     settings = settings or cache.CacheSettings.from_env()
-    cached = cache.download(url, settings=settings, on_progress=on_progress, fetch_hint=hint)
+    # The mirror stands in for torchvision's host only; a user's own URL is fetched as given.
+    cached = cache.download(url, settings=settings, on_progress=on_progress, fetch_hint=hint, mirrored=choice.kind == "pretrained")
     return load_state_dict(cached.path)
 
 

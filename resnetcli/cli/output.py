@@ -126,13 +126,15 @@ def print_table(columns: Sequence[str], rows: Iterable[dict], title: str | None,
     """Print rows as a rich table."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
         numeric = column in NUMERIC_COLUMNS
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in rows:
-        table.add_row(*(_table_cell(row.get(column)) for column in columns))
+        # Text, not markup: a cell such as "[resnet50:IMAGENET1K_V2]" must not be read as a rich tag.
+        table.add_row(*(Text(_table_cell(row.get(column))) for column in columns))
     if console is None:
         isatty = getattr(stream, "isatty", None)
         # Off a terminal there is no width to fit: never wrap cells (rich would assume 80 columns).
