@@ -117,7 +117,7 @@ class CachedFile:
 def file_name_of(url: str) -> str:
     """The last path component of a URL: the name a download is cached under."""
     name = Path(urlparse(url).path).name
-    if not name:
+    if not name or name.startswith("."):  # "." names are resnetcli's own partial files and records
         raise WeightsUnavailable(f"{url}: the URL does not end in a file name")
     return name
 
@@ -405,10 +405,11 @@ def download(
     if target.is_file():
         return _already_cached(target, expected)
     if settings.offline:
+        fetch_hint = fetch_hint or f"resnet fetch --url {url}"
+        import_hint = fetch_hint.replace("resnet fetch ", "resnet fetch --from-file PATH ", 1)
         raise WeightsUnavailable(
             f"{file_name} is not in the weight cache {folder} and downloads are off (offline mode); "
-            f"get it with `{fetch_hint or 'resnet fetch --url ' + url}` where the network is reachable, "
-            f"or copy it in with `resnet fetch --from-file`"
+            f"get it with `{fetch_hint}` where the network is reachable, or copy it in with `{import_hint}`"
         )
     source = settings.source_url(url) if mirrored else url
     _cache_folder_ready(folder)

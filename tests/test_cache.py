@@ -288,14 +288,46 @@ def test_failed_download_is_one_line_naming_the_url_and_leaves_nothing(runner, a
 
 
 def test_batch_goes_on_after_a_failed_file(runner, app, server, tiny, checkpoint_dir):
-    name = server.add(tiny)
-    result = run_cli(runner, app, "fetch", "resnt18", "--url", server.file_url("ok", name))
-    assert result.exit_code == 2  # names are checked before anything is fetched
+    url = server.file_url("ok", server.add(tiny))
+    misspelt = run_cli(runner, app, "fetch", "resnt18", "--url", url)
+    assert misspelt.exit_code == 2  # names are all checked before anything is fetched
     assert server.gets == Counter()
-    result = run_cli(runner, app, "fetch", "resnet18", "--url", server.file_url("ok", name), "--offline", "--format", "jsonl")
+
+    assert run_cli(runner, app, "fetch", "--url", url).exit_code == 0
+    result = run_cli(runner, app, "fetch", "resnet18", "--url", url, "--offline", "--format", "jsonl")
     assert result.exit_code == 3
-    assert [r.get("status") for r in jsonl(result.stdout)] == [None, None]
-    assert len(result.stderr.splitlines()) == 2
+    records = jsonl(result.stdout)
+    assert [r["name"] for r in records] == ["resnet18:IMAGENET1K_V1", url]
+    assert "is not in the weight cache" in records[0]["error"] and records[1]["status"] == "already cached"
+    assert result.stderr.splitlines()[0].startswith("resnet: error: resnet18-")
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_url_without_a_file_name_is_refused(runner, app, server, checkpoint_dir):
+    for url in (f"{server.url}/", f"{server.url}/ok/.resnetcli"):
+        result = run_cli(runner, app, "fetch", "--url", url, "--sha256", "0" * 64)
+        assert result.exit_code == 3
+        assert result.stderr == f"resnet: error: {url}: the URL does not end in a file name\n"
+    assert server.gets == Counter()
+
+
+def test_downloaded_checkpoint_that_would_run_code_is_refused(runner, app, server, tmp_path, sample_images):
+    """The hash proves the file is the one published, not that it is safe: loading stays weights_only."""
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    crafted = save_hub_style({"fc.weight": Exploit()}, tmp_path / "served", "evil")
+    name = server.add(WeightFile(crafted, crafted.read_bytes(), sha256_file(crafted)))
+    url = server.file_url("ok", name)
+    result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", url)
+    assert result.exit_code == 3
+    assert f"resnet: error: {torch.hub.get_dir()}/checkpoints/{name}: refused to load" in result.stderr
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +345,8 @@ def test_offline_fails_at_once_naming_file_and_fetch_command(runner, app, server
     assert result.exit_code == 3
     assert result.stderr == (
         f"resnet: error: {file_name} is not in the weight cache {checkpoint_dir} and downloads are off (offline mode); "
-        "get it with `resnet fetch resnet18:IMAGENET1K_V1` where the network is reachable, or copy it in with `resnet fetch --from-file`\n"
+        "get it with `resnet fetch resnet18:IMAGENET1K_V1` where the network is reachable, "
+        "or copy it in with `resnet fetch --from-file PATH resnet18:IMAGENET1K_V1`\n"
     )
 
     monkeypatch.setenv("RESNET_OFFLINE", "1")
@@ -321,7 +354,7 @@ def test_offline_fails_at_once_naming_file_and_fetch_command(runner, app, server
     result = run_cli(runner, app, "fetch", "--url", url)
     assert result.exit_code == 3
     assert f"{tiny.name} is not in the weight cache" in result.stderr
-    assert f"`resnet fetch --url {url}`" in result.stderr
+    assert f"`resnet fetch --url {url}` where the network is reachable, or copy it in with `resnet fetch --from-file PATH --url {url}`" in result.stderr
     assert time.monotonic() - started < 5
     assert server.gets == Counter()
     assert cache_contents(checkpoint_dir) == []
@@ -582,6 +615,42 @@ def test_many_processes_download_a_file_once(server, tiny, checkpoint_dir):
     assert cache_contents(checkpoint_dir) == [f".resnetcli/{tiny.name}.json", tiny.name]
     downloader = next(err for (out, err), r in zip(outputs, records) if r["status"] == "downloaded")
     assert f"resnet: downloading {tiny.name}" in downloader
+
+
+def test_progress_bar_on_a_terminal_stays_off_stdout(server, tiny, checkpoint_dir):
+    """stderr is a terminal (a pty): the rich progress bar is drawn there, stdout holds the record only."""
+    import pty
+
+    url = server.file_url("slow", server.add(tiny))
+    server.server.slow_seconds = 1.0
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resnetcli", "fetch", "--url", url], cwd=REPO, stdout=subprocess.PIPE, stderr=terminal,
+        env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), COLUMNS="120"),
+    )
+    os.close(terminal)
+    drawn = bytearray()
+
+    def drain():  # a pty must be read, or the child blocks once its buffer is full
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    out, _ = process.communicate(timeout=60)
+    reader.join(timeout=10)
+    os.close(controller)
+    assert process.returncode == 0, drawn.decode(errors="replace")
+    assert json.loads(out)["status"] == "downloaded"  # exactly one JSON record, nothing else
+    screen = drawn.decode(errors="replace")
+    assert tiny.name in screen and "\x1b[" in screen  # the bar, with terminal control sequences
+    assert "downloaded: " in screen
 
 
 def test_killed_download_leaves_nothing_trusted_and_does_not_block_the_next(runner, app, server, tiny, checkpoint_dir):

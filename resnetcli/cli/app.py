@@ -157,6 +157,9 @@ def download_progress() -> Iterator:
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
+        # rich would otherwise send whatever is printed to stdout while the bar is live (the
+        # records) to the bar's console, stderr.
+        redirect_stdout=False,
     ) as progress:
 
         def update(name: str, done: int, total: Optional[int]) -> None:
