@@ -245,11 +245,15 @@ def check_cached_file(path: Path, expected_sha256: str | None = None) -> str:
 
 def _cache_folder_ready(folder: Path) -> None:
     try:
-        (folder / RECORD_DIR).mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CacheError(f"cannot create the weight cache folder {folder}: {error.strerror or error}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CacheError(f"the weight cache folder {folder} is not writable")
+    try:
+        (folder / RECORD_DIR).mkdir(exist_ok=True)
+    except OSError as error:
+        raise CacheError(f"cannot write to the weight cache folder {folder}: {error.strerror or error}") from None
 
 
 @contextmanager

@@ -360,7 +360,7 @@ def test_offline_fails_at_once_naming_file_and_fetch_command(runner, app, server
     assert cache_contents(checkpoint_dir) == []
 
 
-def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, server, tiny, impostor, checkpoint_dir, monkeypatch):
+def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, server, tiny, impostor, checkpoint_dir, monkeypatch, steered_resnet18, sample_images):
     from torchvision.models import ResNet18_Weights
 
     file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
@@ -373,11 +373,16 @@ def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, serv
     assert server.gets == Counter({f"/ok/{file_name}": 1})
     assert cache_contents(checkpoint_dir) == []
 
-    # --mirror wins over the variable; a user's own --url is fetched as given.
+    # --mirror wins over the variable; a user's own URL (fetch --url, predict --weights URL) is fetched as given.
     name = server.add(tiny)
     result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", name), "--mirror", refused_url(""))
     assert result.exit_code == 0, result.stderr
     assert (checkpoint_dir / tiny.name).read_bytes() == tiny.data
+    steered = server.add(WeightFile(steered_resnet18.path, steered_resnet18.path.read_bytes(), sha256_file(steered_resnet18.path)))
+    result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", server.file_url("ok", steered), "--format", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert jsonl(result.stdout)[0]["top"][0]["index"] == steered_resnet18.expected[sample_images[0].name]
+    assert server.gets[f"/ok/{steered}"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +583,8 @@ def test_read_only_cache_folder_is_named(runner, app, server, tiny, checkpoint_d
     finally:
         checkpoint_dir.chmod(0o755)
     assert result.exit_code == 3
-    assert result.stderr == f"resnet: error: cannot create the weight cache folder {checkpoint_dir}: Permission denied\n"
+    assert result.stderr == f"resnet: error: the weight cache folder {checkpoint_dir} is not writable\n"
+    assert cache_contents(checkpoint_dir) == []
 
 
 def test_write_failure_mid_download_names_the_folder_and_leaves_nothing(server, tiny, checkpoint_dir):
