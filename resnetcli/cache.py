@@ -250,10 +250,6 @@ def _cache_folder_ready(folder: Path) -> None:
         raise CacheError(f"cannot create the weight cache folder {folder}: {error.strerror or error}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CacheError(f"the weight cache folder {folder} is not writable")
-    try:
-        (folder / RECORD_DIR).mkdir(exist_ok=True)
-    except OSError as error:
-        raise CacheError(f"cannot write to the weight cache folder {folder}: {error.strerror or error}") from None
 
 
 @contextmanager

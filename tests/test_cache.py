@@ -330,6 +330,18 @@ def test_downloaded_checkpoint_that_would_run_code_is_refused(runner, app, serve
     assert not marker.exists()
 
 
+def test_bad_timeout_is_a_usage_error(runner, app, server, tiny, monkeypatch):
+    url = server.file_url("ok", server.add(tiny))
+    result = run_cli(runner, app, "fetch", "--url", url, "--timeout", "0")
+    assert result.exit_code == 2
+    assert result.stderr == "resnet: error: the network timeout must be a positive number of seconds, not 0\n"
+    monkeypatch.setenv("RESNET_TIMEOUT", "soon")
+    result = run_cli(runner, app, "fetch", "--url", url)
+    assert result.exit_code == 2
+    assert result.stderr == "resnet: error: RESNET_TIMEOUT=soon: not a number of seconds\n"
+    assert server.gets == Counter()
+
+
 # ---------------------------------------------------------------------------------------------
 # Offline and mirror
 
