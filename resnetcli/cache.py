@@ -553,8 +553,8 @@ def verify(path: Path) -> Verification:
 def remove(path: Path) -> CachedFile:
     """Remove a cached weight file and its record, under the file's lock."""
     folder = path.parent
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with _file_lock(folder, path.name):
             path.unlink(missing_ok=True)
             _record_path(path).unlink(missing_ok=True)
@@ -566,10 +566,7 @@ def remove(path: Path) -> CachedFile:
 def remove_leftovers() -> None:
     """Remove records of files no longer cached and partial files of downloads whose process died."""
     folder = checkpoint_dir()
-    records = folder / RECORD_DIR
-    if not records.is_dir():
-        return
-    for record in records.glob("*.json"):
+    for record in (folder / RECORD_DIR).glob("*.json"):
         if not (folder / record.name[: -len(".json")]).exists():
             record.unlink(missing_ok=True)
     for partial in folder.glob(f".*{PARTIAL_SUFFIX}"):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -75,38 +76,28 @@ def fetch(
         raise UsageError("--sha256 is for --url and --from-file files; torchvision's weights are checked against the hash in their file name")
     settings = cache.CacheSettings.from_env(offline=offline, mirror=mirror, timeout=timeout)
 
-    jobs: list[tuple[str, Callable[..., cache.CachedFile]]] = []
-    for spec, choice in _torchvision_weights(models):
-        if from_file is not None:
-            jobs.append((spec, lambda progress, file_name=_file_name(choice): cache.import_file(from_file, file_name)))
-        else:
-            hint = f"resnet fetch {spec}"
-            jobs.append((spec, lambda progress, u=choice.pretrained.url, h=hint: cache.download(u, settings=settings, on_progress=progress, fetch_hint=h)))
+    wanted = [_Wanted(spec, choice.pretrained.url, None, True, f"resnet fetch {spec}") for spec, choice in _torchvision_weights(models)]
     if url is not None:
-        if from_file is not None:
-            jobs.append((url, lambda progress: cache.import_file(from_file, cache.file_name_of(url), sha256=expected)))
-        else:
-            hint = f"resnet fetch --url {url}" + (f" --sha256 {expected}" if expected else "")
-            jobs.append((url, lambda progress: cache.download(url, sha256=expected, settings=settings, on_progress=progress, fetch_hint=hint, mirrored=False)))
+        wanted.append(_Wanted(url, url, expected, False, f"resnet fetch --url {url}" + (f" --sha256 {expected}" if expected else "")))
     elif from_file is not None and not models:
-        jobs.append((str(from_file), lambda progress: cache.import_file(from_file, sha256=expected)))
+        wanted.append(_Wanted(str(from_file), None, expected, False, ""))
 
     failed = False
     fmt = choose_format(output_format, sys.stdout)
     with download_progress() as on_progress, RecordWriter(fmt, FETCH_COLUMNS, title=f"weight cache {cache.checkpoint_dir()}") as writer:
-        for name, job in jobs:
+        for item in wanted:
             try:
-                cached = job(on_progress)
+                cached = _obtain(item, from_file, settings, on_progress)
             except CacheError:
                 raise  # The folder itself is unusable: the other files would fail the same way.
             except WeightsUnavailable as error:
                 failed = True
                 report_error(error)
-                writer.write({"name": name, "error": " ".join(str(error).split())})
+                writer.write({"name": item.name, "error": " ".join(str(error).split())})
                 continue
-            say(f"{cached.status}: {name} -> {cached.path}")
+            say(f"{cached.status}: {item.name} -> {cached.path}")
             writer.write({
-                "name": name, "file": cached.name, "size": cached.size,
+                "name": item.name, "file": cached.name, "size": cached.size,
                 "sha256": cached.sha256, "path": str(cached.path), "status": cached.status,
             })
     if failed:
@@ -128,10 +119,28 @@ def _torchvision_weights(specs: list[str]):
     return resolved
 
 
-def _file_name(choice) -> str:
-    from resnetcli.registry import weights_file_name
+@dataclass(frozen=True)
+class _Wanted:
+    """One file `fetch` is asked for: its record's name, its URL, the hash it must have."""
 
-    return weights_file_name(choice.pretrained)
+    name: str
+    url: Optional[str]  # None: a --from-file PATH cached under its own name
+    sha256: Optional[str]  # None: the hash in the file name
+    mirrored: bool  # torchvision's weights go to --mirror; a user's URL is fetched as given
+    fetch_hint: str
+
+
+def _obtain(wanted: _Wanted, from_file: Optional[Path], settings, on_progress):
+    """Import `from_file` as the wanted file, or download it; either way verified before it is cached."""
+    from resnetcli import cache
+
+    if from_file is not None:
+        file_name = cache.file_name_of(wanted.url) if wanted.url else None
+        return cache.import_file(from_file, file_name, sha256=wanted.sha256)
+    assert wanted.url is not None
+    return cache.download(
+        wanted.url, sha256=wanted.sha256, settings=settings, on_progress=on_progress, fetch_hint=wanted.fetch_hint, mirrored=wanted.mirrored
+    )
 
 
 @cache_app.command("list")
