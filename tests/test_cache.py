@@ -43,6 +43,11 @@ def cache_contents(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
+def hub_prefix(file_name: str) -> str:
+    """The hash part of a torchvision file name or URL: `.../resnet18-f37072fd.pth` gives `f37072fd`."""
+    return file_name.rsplit("-", 1)[1].split(".")[0]
+
+
 def partials_in(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.partial")) if folder.exists() else []
 
@@ -381,11 +386,17 @@ def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, serv
     monkeypatch.setenv("RESNET_MIRROR", mirror)
     result = run_cli(runner, app, "fetch", "resnet18:IMAGENET1K_V1")
     assert result.exit_code == 3
-    assert f"resnet: error: {server.url}/ok/{file_name}: sha256 mismatch: expected {file_name[9:17]}..." in result.stderr
+    assert f"resnet: error: {server.url}/ok/{file_name}: sha256 mismatch: expected {hub_prefix(file_name)}..." in result.stderr
     assert server.gets == Counter({f"/ok/{file_name}": 1})
     assert cache_contents(checkpoint_dir) == []
 
-    # --mirror wins over the variable; a user's own URL (fetch --url, predict --weights URL) is fetched as given.
+    # --mirror wins over the variable.
+    result = run_cli(runner, app, "fetch", "resnet18:IMAGENET1K_V1", "--mirror", f"{server.url}/wrong")
+    assert result.exit_code == 3
+    assert f"resnet: error: {server.url}/wrong/{file_name}: sha256 mismatch" in result.stderr
+    assert server.gets == Counter({f"/ok/{file_name}": 1, f"/wrong/{file_name}": 1})
+
+    # A user's own URL (fetch --url, predict --weights URL) is fetched as given.
     name = server.add(tiny)
     result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", name), "--mirror", refused_url(""))
     assert result.exit_code == 0, result.stderr
@@ -409,7 +420,7 @@ def test_from_file_imports_only_verified_files(runner, app, server, tiny, impost
     carried.write_bytes(impostor.data)
     refused = run_cli(runner, app, "fetch", "--from-file", carried, "resnet18:IMAGENET1K_V1")
     assert refused.exit_code == 3
-    prefix = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("-", 1)[1].split(".")[0]
+    prefix = hub_prefix(ResNet18_Weights.IMAGENET1K_V1.url)
     assert refused.stderr == (
         f"resnet: error: {carried}: sha256 mismatch: expected {prefix}..., got {impostor.sha256[:16]}...; not imported\n"
     )
@@ -491,7 +502,7 @@ def test_verify_hashes_every_file_in_full(runner, app, server, tiny, impostor, c
     assert records[tiny.name]["sha256"] == tiny.sha256
     assert result.stderr.splitlines() == [  # one line per file that is not ok, in file-name order
         f"resnet: warning: {checkpoint_dir / 'notes.pth'}: cannot be verified (no recorded sha256 and none in the file name)",
-        f"resnet: error: {checkpoint_dir / impostor_name}: corrupt (sha256 {impostor.sha256[:12]}..., the file name says {impostor_name[9:17]}); "
+        f"resnet: error: {checkpoint_dir / impostor_name}: corrupt (sha256 {impostor.sha256[:12]}..., the file name says {hub_prefix(impostor_name)}); "
         f"remove it with `resnet cache rm {impostor_name}` and fetch it again",
     ]
 
