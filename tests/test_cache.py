@@ -485,6 +485,21 @@ def test_truncated_or_altered_cached_file_is_caught_before_loading(runner, app, 
     assert server.gets == Counter({f"/ok/{name}": 1})
 
 
+def test_bad_file_torchvision_left_in_the_cache_is_caught_before_loading(runner, app, impostor, checkpoint_dir, sample_images):
+    """torch.hub can accept a truncated download; a file without resnetcli's record is hashed in full before use."""
+    from torchvision.models import ResNet18_Weights
+
+    file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    checkpoint_dir.mkdir(parents=True)
+    (checkpoint_dir / file_name).write_bytes(impostor.data)
+    result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", "IMAGENET1K_V1", "--offline")
+    assert result.exit_code == 3
+    assert result.stderr == (
+        f"resnet: error: {checkpoint_dir / file_name}: cached file is corrupt (sha256 {impostor.sha256[:12]}..., expected {hub_prefix(file_name)}...); "
+        f"remove it with `resnet cache rm {file_name}` and fetch it again\n"
+    )
+
+
 def test_verify_hashes_every_file_in_full(runner, app, server, tiny, impostor, checkpoint_dir):
     from torchvision.models import ResNet18_Weights
 
