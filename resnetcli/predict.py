@@ -157,7 +157,7 @@ def set_preprocessing(
         elif member in enum.__members__:
             weights = enum[member]
         else:
-            names = ", ".join([DEFAULT_WEIGHTS, *enum.__members__])
+            names = ", ".join(enum.__members__)  # the weights names and their DEFAULT alias
             raise UsageError(f"--preprocess {preprocess}: not a weights name of {loaded.arch}; choose one of {names}")
         loaded.transforms = weights.transforms()
     if input_size is None and resize is None:
