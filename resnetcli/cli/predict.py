@@ -94,7 +94,10 @@ class ProgressReport:
             rate = self.done / max(time.monotonic() - self.started, 1e-9)
             self._progress.update(self._task, completed=self.done, failed=self.failed, rate=f"{rate:.1f}")
 
-    def close(self) -> None:
+    def __enter__(self) -> "ProgressReport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         """Stop the progress line (it stays on screen with the final counts)."""
         if self._progress is not None:
             self._progress.stop()
@@ -191,7 +194,9 @@ def predict(
     if output_format is None and output is not None:
         output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
     fmt = choose_format(output_format, stream)
-    report = ProgressReport(enabled=sys.stderr.isatty())
+    # Records streaming to the same terminal would tear through a live progress line.
+    streams_to_terminal = fmt not in (OutputFormat.table, OutputFormat.json) and stream.isatty()
+    report = ProgressReport(enabled=sys.stderr.isatty() and not streams_to_terminal)
     predictions = run_predictions(
         loaded,
         items,
@@ -203,8 +208,11 @@ def predict(
         offline=settings.offline,
         timeout=settings.timeout,
     )
+    title = f"{loaded.arch} ({loaded.weights.name})"
     try:
-        with closing(predictions), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=f"{loaded.arch} ({loaded.weights.name})") as writer:
+        # Exits run inner first: the progress line stops before a table or JSON document is
+        # written, and the workers stop last.
+        with closing(predictions), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer, report:
             for prediction in predictions:
                 writer.write(prediction.record())
                 report.update(failed=prediction.error is not None)
@@ -214,7 +222,6 @@ def predict(
                         say("stopped at the first failure (--strict)")
                         break
     finally:
-        report.close()
         if stream is not sys.stdout:
             stream.close()
     if report.failed:
