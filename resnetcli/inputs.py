@@ -69,7 +69,7 @@ def read_paths(stream: BinaryIO, *, null: bool = False) -> Iterator[str]:
     skipped, and a line's trailing carriage return is dropped.
     """
     separator = b"\0" if null else b"\n"
-    read = getattr(stream, "read1", stream.read)
+    read = _reader(stream)
     pending = b""
     while True:
         chunk = read(_READ_CHUNK)
@@ -84,6 +84,20 @@ def read_paths(stream: BinaryIO, *, null: bool = False) -> Iterator[str]:
     path = _decode_path(pending, null)
     if path:
         yield path
+
+
+def _reader(stream: BinaryIO):
+    """A function reading what is available, up to n bytes.
+
+    For a real file descriptor this is os.read, not the buffered reader: a thread blocked inside
+    a BufferedReader holds its lock, and the interpreter aborts at exit (after Ctrl-C) when it
+    cannot take that lock to flush stdin.
+    """
+    try:
+        descriptor = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return getattr(stream, "read1", stream.read)
+    return lambda size: os.read(descriptor, size)
 
 
 def _decode_path(raw: bytes, null: bool) -> str:

@@ -132,33 +132,31 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def set_preprocessing(
-    loaded: LoadedModel,
-    preprocess: str | None = None,
-    *,
-    input_size: int | None = None,
-    resize: int | None = None,
-) -> None:
+def preprocessing_weights(arch: str, name: str):
+    """The weights of `arch` called `name` (`--preprocess`), whose transforms to use; UsageError if none is."""
+    from resnetcli.registry import DEFAULT_WEIGHTS, resolve_architecture, weights_enum
+
+    arch = resolve_architecture(arch)
+    enum = weights_enum(arch)
+    member = name.strip().upper()
+    if member == DEFAULT_WEIGHTS:
+        return enum.DEFAULT
+    if member in enum.__members__:
+        return enum[member]
+    names = ", ".join(enum.__members__)  # the weights names and their DEFAULT alias
+    raise UsageError(f"--preprocess {name}: not a weights name of {arch}; choose one of {names}")
+
+
+def set_preprocessing(loaded: LoadedModel, weights=None, *, input_size: int | None = None, resize: int | None = None) -> None:
     """Replace `loaded.transforms` with another weights' preprocessing and/or other sizes.
 
-    `preprocess` names a weights set of the architecture whose transforms to use (default: those
-    already chosen, i.e. the weights' own or, for a checkpoint, the architecture's default ones).
+    `weights` (from `preprocessing_weights`) supplies the transforms (default: those already
+    chosen, i.e. the weights' own or, for a checkpoint, the architecture's default ones).
     `input_size` is the centre crop fed to the model; `resize` the size the shorter side is resized
     to first. Given only `input_size`, the resize keeps the weights' resize-to-crop ratio. Mean,
     std and interpolation always come from the weights' transforms object.
     """
-    from resnetcli.registry import DEFAULT_WEIGHTS, weights_enum
-
-    if preprocess is not None:
-        enum = weights_enum(loaded.arch)
-        member = preprocess.strip().upper()
-        if member == DEFAULT_WEIGHTS:
-            weights = enum.DEFAULT
-        elif member in enum.__members__:
-            weights = enum[member]
-        else:
-            names = ", ".join(enum.__members__)  # the weights names and their DEFAULT alias
-            raise UsageError(f"--preprocess {preprocess}: not a weights name of {loaded.arch}; choose one of {names}")
+    if weights is not None:
         loaded.transforms = weights.transforms()
     if input_size is None and resize is None:
         return

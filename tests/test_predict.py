@@ -386,6 +386,28 @@ def test_records_stream_while_inputs_are_still_arriving(tmp_path, soft_steered, 
         process.wait()
 
 
+def test_ctrl_c_while_waiting_for_stdin_exits_130(tmp_path, soft_steered, photos):
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resnetcli", "predict", "-", *soft_steered.args, "--format", "jsonl"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=env_without_resnet(TORCH_HOME=str(tmp_path)),
+    )
+    try:
+        process.stdin.write(f"{photos['cat']}\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        assert ready, "no record within 60 s"
+        assert json.loads(process.stdout.readline())["input"] == str(photos["cat"])
+        process.send_signal(signal.SIGINT)  # while a thread is blocked reading stdin
+        assert process.wait(timeout=30) == 130
+        assert process.stderr.read() == "resnet: interrupted\n"
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_top_and_threshold(runner, app, soft_steered, photos):
     full = run(runner, app, photos["cat"], photos["coffee"], *soft_steered.args, "--top", "4", "--format", "jsonl")
     assert full.exit_code == 0

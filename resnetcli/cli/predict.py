@@ -167,11 +167,12 @@ def predict(
     """Classify images: the top-k ImageNet classes (or a checkpoint's own classes) with probabilities."""
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
-    from resnetcli.predict import resolve_device, set_preprocessing, use_threads
+    from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing, use_threads
     from resnetcli.registry import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
+    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
     if threads is not None:
         use_threads(threads)
     settings = cache_settings(offline, mirror)
@@ -185,7 +186,7 @@ def predict(
         )
     for note in loaded.notes:
         warn(note)
-    set_preprocessing(loaded, preprocess, input_size=input_size, resize=resize)
+    set_preprocessing(loaded, preprocess_with, input_size=input_size, resize=resize)
 
     items = expand_inputs(inputs, recursive=recursive, stdin=sys.stdin.buffer if "-" in inputs else None, null=null)
     if shard_spec is not None:
