@@ -43,7 +43,6 @@ def top1(record: dict) -> int:
 @dataclass
 class SteeredModel:
     path: Path
-    state_dict: dict
     model: object  # the same network, in memory, for reference predictions
 
     @property
@@ -82,10 +81,9 @@ def soft_steered(tmp_path_factory, sample_images) -> SteeredModel:
     with torch.no_grad():
         model.fc.weight.mul_(SOFTENING)
         model.fc.bias.mul_(SOFTENING)
-    state_dict = {k: v.clone() for k, v in model.state_dict().items()}
     path = folder / "resnet18-soft.pth"
-    torch.save(state_dict, path)
-    return SteeredModel(path, state_dict, model)
+    torch.save(model.state_dict(), path)
+    return SteeredModel(path, model)
 
 
 def reference(model, images, k: int = 3, transforms=None) -> list[list[tuple[int, float]]]:
@@ -107,7 +105,7 @@ def assert_top_matches(record: dict, expected: list[tuple[int, float]]) -> None:
 
 
 @pytest.fixture
-def photos(tmp_path, sample_images) -> dict[str, Path]:
+def photos(sample_images) -> dict[str, Path]:
     """The sample photos by short name: astronaut, cat, coffee, rocket."""
     return {p.stem: p for p in sample_images}
 
