@@ -188,10 +188,14 @@ def test_stdin_paths_newline_or_nul_separated_mixed_with_arguments(runner, app, 
 
     spaced = photo_tree / "with space\nand newline.jpg"
     spaced.write_bytes(photos["coffee"].read_bytes())
-    result = run(runner, app, "-", "--null", *soft_steered.args, "--format", "jsonl", input=f"{spaced}\0{photos['rocket']}\0")
-    assert result.exit_code == 0, result.stderr
+    gone = photo_tree / "gone\nmissing.jpg"
+    result = run(runner, app, "-", "--null", *soft_steered.args, "--format", "jsonl", input=f"{spaced}\0{photos['rocket']}\0{gone}\0")
+    assert result.exit_code == 1
     records = jsonl(result.stdout)
-    assert [(r["input"], top1(r)) for r in records] == [(str(spaced), 967), (str(photos["rocket"]), 812)]
+    assert [(r["input"], top1(r)) for r in records[:2]] == [(str(spaced), 967), (str(photos["rocket"]), 812)]
+    assert records[2] == {"input": str(gone), "error": f"{gone}: no such file"}
+    # The line break in the name is escaped: still one line on stderr.
+    assert result.stderr == f"resnet: error: {photo_tree}/gone\\nmissing.jpg: no such file\n"
 
 
 def test_url_inputs_and_a_404_is_an_error_of_that_input(runner, app, soft_steered, photos, weight_server, tmp_path):

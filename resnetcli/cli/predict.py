@@ -54,6 +54,11 @@ def read_labels(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def one_line(text: str) -> str:
+    """Text with line breaks escaped, so that a file name holding one keeps its error on one stderr line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class ProgressReport:
     """Counts finished inputs; once there are many and stderr is a terminal, shows a rich progress line there.
 
@@ -218,7 +223,7 @@ def predict(
                 writer.write(prediction.record())
                 report.update(failed=prediction.error is not None)
                 if prediction.error is not None:
-                    say(f"error: {prediction.error}")
+                    say(f"error: {one_line(prediction.error)}")
                     if strict:
                         say("stopped at the first failure (--strict)")
                         break
