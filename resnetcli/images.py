@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
+import io
+import socket
+import urllib.error
+import urllib.request
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from resnetcli.errors import InputError
 
@@ -11,32 +16,72 @@ from resnetcli.errors import InputError
 #: normalisation maps close to zero, so transparency neither brightens nor darkens an image.
 TRANSPARENCY_BACKGROUND = (128, 128, 128)
 
+#: The largest image download accepted: a URL that streams without end must not exhaust memory.
+MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 
-def load_image(source: str | Path):
-    """Open an image file as an upright RGB `PIL.Image`, or raise `InputError` naming the file.
+
+def is_url(source: str) -> bool:
+    """Whether an input names an http(s) URL rather than a local path."""
+    return source[:8].lower().startswith(("http://", "https://"))
+
+
+def load_image(source: str | Path, *, offline: bool = False, timeout: float = 30.0):
+    """Open an image file or http(s) URL as an upright RGB `PIL.Image`, or raise `InputError` naming it.
 
     The format is recognised from the content, not the extension. EXIF orientation is applied;
     grayscale, 16-bit, palette, CMYK and transparent images become RGB (transparency composited
     on a fixed background); animated files give their first frame. Pillow's decompression-bomb
-    guard stays on.
+    guard stays on: an image over `PIL.Image.MAX_IMAGE_PIXELS` is refused. `offline` refuses
+    URLs; `timeout` bounds each network wait in seconds.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(source)
     name = str(source)
+    if is_url(name):
+        if offline:
+            raise InputError(name, "not fetched: downloads are off (offline mode)")
+        data = fetch_bytes(name, timeout)
+        return _decode(name, lambda: io.BytesIO(data))
+    path = Path(source)
     if path.is_dir():
         raise InputError(name, "is a directory, not an image")
+    return _decode(name, lambda: path)
+
+
+def fetch_bytes(url: str, timeout: float) -> bytes:
+    """The body of an http(s) URL, or `InputError` for an HTTP error, no answer or an oversized body."""
+    request = urllib.request.Request(url, headers={"User-Agent": "resnetcli"})
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except urllib.error.HTTPError as error:
+        raise InputError(url, f"cannot fetch: HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        reason = error.reason
+        text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
+        raise InputError(url, f"cannot fetch: {text}") from None
+    except (socket.timeout, TimeoutError):
+        raise InputError(url, f"cannot fetch: no answer within {timeout:g} s") from None
+    except (OSError, ValueError) as error:
+        raise InputError(url, f"cannot fetch: {error}") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise InputError(url, f"refused: larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB")
+    return data
+
+
+def _decode(name: str, opener: Callable[[], object]):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(opener()) as image:
+            refuse_oversized(image, name)
+            image.seek(0)
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise InputError(name, "no such file") from None
     except PermissionError:
         raise InputError(name, "permission denied") from None
+    except IsADirectoryError:
+        raise InputError(name, "is a directory, not an image") from None
     except UnidentifiedImageError:
         raise InputError(name, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -44,6 +89,50 @@ def load_image(source: str | Path):
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Pillow reports truncated and corrupt files as OSError/SyntaxError with its own text.
         raise InputError(name, f"cannot decode image: {error}") from None
+
+
+def refuse_oversized(image, name: str) -> None:
+    """Raise `InputError` for an image larger than Pillow's decompression-bomb limit.
+
+    Pillow itself only raises above twice the limit and merely warns between one and two times
+    it; warnings are process-wide state that worker threads cannot change safely, so the limit is
+    enforced here explicitly.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise InputError(
+            name, f"refused as a possible decompression bomb ({width}x{height} = {width * height} pixels, limit {limit})"
+        )
+
+
+@lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """File name extensions (lower case, with the dot) of the formats Pillow can open."""
+    from PIL import Image
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_file(path: str) -> bool:
+    """Whether a file should be classified when found in a folder.
+
+    Files with an image extension are taken as images (a broken one is then reported when it is
+    decoded); any other file is opened and taken only if Pillow recognises its content.
+    """
+    from PIL import Image
+
+    if Path(path).suffix.lower() in image_extensions():
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return True
+    except Exception:  # noqa: BLE001 - any failure to identify means "not an image"
+        return False
 
 
 def to_rgb(image):

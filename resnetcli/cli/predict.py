@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import closing
 from pathlib import Path
-from typing import List, Optional
+from typing import IO, List, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
-from resnetcli.cli.output import RecordWriter, choose_format
+from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
 from resnetcli.errors import ExitStatus
 
 PREDICT_COLUMNS = ["input", "arch", "weights", "rank", "index", "label", "prob", "error"]
@@ -52,9 +54,85 @@ def read_labels(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def one_line(text: str) -> str:
+    """Text with line breaks escaped, so that a file name holding one keeps its error on one stderr line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class ProgressReport:
+    """Counts finished inputs; once there are many and stderr is a terminal, shows a rich progress line there.
+
+    The total is unknown (inputs are expanded lazily), so the line shows counts, failures, elapsed
+    time and rate rather than a percentage.
+    """
+
+    #: Inputs finished before the progress line appears: a handful of images needs none.
+    SHOW_AFTER = 20
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.done = 0
+        self.failed = 0
+        self.started = time.monotonic()
+        self._progress = None
+        self._task = None
+
+    def update(self, failed: bool) -> None:
+        """Count one finished input."""
+        self.done += 1
+        self.failed += int(failed)
+        if not self.enabled:
+            return
+        if self._progress is None and self.done >= self.SHOW_AFTER:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.completed} inputs, {task.fields[failed]} failed, {task.fields[rate]}/s"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("predict", total=None, failed=0, rate="-")
+        if self._progress is not None:
+            rate = self.done / max(time.monotonic() - self.started, 1e-9)
+            self._progress.update(self._task, completed=self.done, failed=self.failed, rate=f"{rate:.1f}")
+
+    def __enter__(self) -> "ProgressReport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the progress line (it stays on screen with the final counts)."""
+        if self._progress is not None:
+            self._progress.stop()
+
+
+#: `--output` file suffixes that choose a format when `--format` is not given.
+SUFFIX_FORMATS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl, ".csv": OutputFormat.csv, ".tsv": OutputFormat.tsv}
+
+
+def open_output(path: Optional[Path]) -> IO[str]:
+    """The stream records go to: stdout, or `--output FILE` opened for writing."""
+    from resnetcli.errors import UsageError
+
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8", newline="")
+    except OSError as error:
+        raise UsageError(f"--output {path}: cannot write: {error.strerror or error}") from None
+
+
 @app.command()
 def predict(
-    inputs: Annotated[List[str], typer.Argument(help="Image files to classify.", metavar="IMAGE...")],
+    inputs: Annotated[
+        List[str],
+        typer.Argument(
+            help="Image files, folders (searched for images), quoted glob patterns, http(s) URLs, or - to read paths from stdin.",
+            metavar="INPUT...",
+        ),
+    ],
     arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")] = "resnet50",
     weights: Annotated[
         str,
@@ -66,32 +144,91 @@ def predict(
         Optional[Path],
         typer.Option("--labels", exists=True, dir_okay=False, help="Class names for a fine-tuned checkpoint: text (one per line) or JSON."),
     ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders' sub-folders too.")] = True,
+    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that fails (exit code 1).")] = False,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", dir_okay=False, help="Write the records to this file instead of stdout (format from --format or the suffix, else jsonl)."),
+    ] = None,
+    shard: Annotated[
+        Optional[str],
+        typer.Option("--shard", metavar="I/N", help="Process only shard I of N (1 <= I <= N): the inputs at positions I-1, I-1+N, ..."),
+    ] = None,
+    preprocess: Annotated[
+        Optional[str],
+        typer.Option("--preprocess", metavar="WEIGHTS", help="Use the preprocessing of this weights name of the architecture (default: the weights' own, or DEFAULT's for a checkpoint)."),
+    ] = None,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", min=1, help="Centre-crop size fed to the model.")] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", min=1, help="Resize the shorter side to this before cropping.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Threads decoding and preprocessing images (default: one per core, at most 8).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads torch uses inside each operation (torch.set_num_threads).")] = None,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
 ) -> None:
     """Classify images: the top-k ImageNet classes (or a checkpoint's own classes) with probabilities."""
+    from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
+    from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing, use_threads
     from resnetcli.registry import load_model
 
+    shard_spec = parse_shard(shard) if shard is not None else None
+    chosen_device = resolve_device(device)
+    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
+    if threads is not None:
+        use_threads(threads)
+    settings = cache_settings(offline, mirror)
     with download_progress() as on_progress:
         loaded = load_model(
             arch,
             weights,
             labels=read_labels(labels) if labels else None,
-            settings=cache_settings(offline, mirror),
+            settings=settings,
             on_progress=on_progress,
         )
     for note in loaded.notes:
         warn(note)
-    fmt = choose_format(output_format, sys.stdout)
-    failed = 0
-    with RecordWriter(fmt, PREDICT_COLUMNS, rows=prediction_rows, title=f"{loaded.arch} ({loaded.weights.name})") as writer:
-        for prediction in run_predictions(loaded, inputs, top=top, batch_size=batch_size, threshold=threshold):
-            if prediction.error is not None:
-                failed += 1
-                say(f"error: {prediction.error}")
-            writer.write(prediction.record())
-    if failed:
+    set_preprocessing(loaded, preprocess_with, input_size=input_size, resize=resize)
+
+    items = expand_inputs(inputs, recursive=recursive, stdin=sys.stdin.buffer if "-" in inputs else None, null=null)
+    if shard_spec is not None:
+        items = take_shard(items, *shard_spec)
+    stream = open_output(output)
+    if output_format is None and output is not None:
+        output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
+    fmt = choose_format(output_format, stream)
+    # Records streaming to the same terminal would tear through a live progress line.
+    streams_to_terminal = fmt not in (OutputFormat.table, OutputFormat.json) and stream.isatty()
+    report = ProgressReport(enabled=sys.stderr.isatty() and not streams_to_terminal)
+    predictions = run_predictions(
+        loaded,
+        items,
+        top=top,
+        batch_size=batch_size,
+        threshold=threshold,
+        workers=workers,
+        device=chosen_device,
+        offline=settings.offline,
+        timeout=settings.timeout,
+    )
+    title = f"{loaded.arch} ({loaded.weights.name})"
+    try:
+        # Exits run inner first: the progress line stops before a table or JSON document is
+        # written, and the workers stop last.
+        with closing(predictions), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer, report:
+            for prediction in predictions:
+                writer.write(prediction.record())
+                report.update(failed=prediction.error is not None)
+                if prediction.error is not None:
+                    say(f"error: {one_line(prediction.error)}")
+                    if strict:
+                        say("stopped at the first failure (--strict)")
+                        break
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    if report.failed:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
