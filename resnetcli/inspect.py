@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from resnetcli.errors import CheckpointError, UsageError
-from resnetcli.registry import resolve_architecture, weights_enum
+from resnetcli.registry import WeightsChoice, resolve_architecture, resolve_weights, weights_enum
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One row of the layer tree."""
+    """One row of the layer tree; `name` is the module's qualified name (`layer1.0.conv1`), the root's the architecture."""
 
     depth: int
     name: str
@@ -49,6 +49,7 @@ class Summary:
     """What `resnet summary` reports."""
 
     arch: str
+    weights: str
     input_size: list[int]
     layers: list[LayerRow]
     total_params: int
@@ -123,27 +124,28 @@ def _without_loading(weights) -> Iterator[None]:
         weights.__dict__.pop("get_state_dict", None)
 
 
-def meta_model(arch: str, num_classes: int | None = None) -> "torch.nn.Module":
+def meta_model(arch: str, choice: "WeightsChoice | None" = None, num_classes: int | None = None) -> "torch.nn.Module":
     """Build an architecture on the meta device, in eval mode, without weights or random init.
 
-    Without `num_classes` the model is configured as its default pretrained weights configure it
-    (e.g. `vit_h_14` for 518-pixel inputs, 1000 classes), so its shapes and parameter count are those
-    of the published model; with `num_classes` it is the plain architecture with that head.
+    The model is configured as the pretrained weights of `choice` configure it (image size, class
+    count, input transform; by default the architecture's DEFAULT weights, e.g. `vit_h_14` for
+    518-pixel inputs), so its shapes and parameter count are those of the published model. Any
+    other choice (a checkpoint, `none`) gives the plain architecture with `num_classes` outputs.
     """
     import torch
     from torchvision import models
 
     arch = resolve_architecture(arch)
     builder = models.get_model_builder(arch)
-    default = weights_enum(arch).DEFAULT
+    pretrained = weights_enum(arch).DEFAULT if choice is None else choice.pretrained
 
     def build() -> "torch.nn.Module":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's notes about future init changes
-            if num_classes is not None:
-                return builder(weights=None, num_classes=num_classes)
-            with _without_loading(default):
-                return builder(weights=default)
+            if pretrained is None:
+                return builder(weights=None, **({"num_classes": num_classes} if num_classes else {}))
+            with _without_loading(pretrained):
+                return builder(weights=pretrained)
 
     try:
         with torch.device("meta"):
@@ -155,27 +157,7 @@ def meta_model(arch: str, num_classes: int | None = None) -> "torch.nn.Module":
 
 
 # ---------------------------------------------------------------------------------------------
-# Summary
-
-
-def parameter_rows(state: "torch.nn.Module | Mapping[str, torch.Tensor]", name_filter: str | None = None) -> list[ParamRow]:
-    """Every parameter and buffer of a model (or the tensors of a state dict) with shape and dtype."""
-    import torch
-
-    rows: list[ParamRow] = []
-    if isinstance(state, torch.nn.Module):
-        parameters = dict(state.named_parameters())
-        for key, tensor in state.state_dict(keep_vars=True).items():
-            kind = "parameter" if key in parameters else "buffer"
-            trainable = bool(kind == "parameter" and tensor.requires_grad)
-            rows.append(ParamRow(key, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), kind, trainable))
-    else:
-        for key, tensor in state.items():
-            floating = tensor.is_floating_point() and not key.endswith(("running_mean", "running_var"))
-            rows.append(ParamRow(key, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), "parameter" if floating else "buffer", floating))
-    if name_filter:
-        rows = [row for row in rows if name_filter in row.name]
-    return rows
+# Input sizes
 
 
 def parse_input_size(values: Sequence[int] | None, default: int) -> tuple[int, int]:
@@ -189,112 +171,9 @@ def parse_input_size(values: Sequence[int] | None, default: int) -> tuple[int, i
     raise UsageError("--input-size takes H or H,W")
 
 
-def default_input_size(arch: str) -> int:
-    """The input size the architecture's default weights were evaluated at (crop size of its transforms)."""
-    default = weights_enum(arch).DEFAULT
-    crop = getattr(default.transforms(), "crop_size", None)
-    if crop:
-        return int(crop[0])
-    return int(default.meta.get("min_size", (224, 224))[0])
-
-
-def _check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "torch.Tensor"], source: str) -> None:
-    """Raise CheckpointError unless the checkpoint has exactly the model's tensor names and shapes."""
-    expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
-    problems = [f"missing {key}" for key in expected if key not in state_dict]
-    problems += [f"unexpected {key}" for key in state_dict if key not in expected]
-    problems += [
-        f"{key} is {list(state_dict[key].shape)}, {arch} has {shape}"
-        for key, shape in expected.items()
-        if key in state_dict and list(state_dict[key].shape) != shape
-    ]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems[:3])}{more}")
-
-
-def summarize(
-    arch: str,
-    *,
-    input_size: Sequence[int] | None = None,
-    batch: int = 1,
-    depth: int = 3,
-    state_dict: Mapping[str, "torch.Tensor"] | None = None,
-    source: str = "checkpoint",
-    name_filter: str | None = None,
-) -> Summary:
-    """The torchinfo layer tree, totals and parameter list of an architecture, on the meta device.
-
-    With `state_dict` (a fine-tuned checkpoint, named `source` in errors) the model takes the
-    checkpoint's head, is checked against it, and the parameter list shows the checkpoint's tensors.
-    """
-    from torchinfo import summary as torchinfo_summary
-
-    from resnetcli.registry import checkpoint_class_count
-
-    arch = resolve_architecture(arch)
-    height, width = parse_input_size(input_size, default_input_size(arch))
-    if state_dict is not None:
-        model = meta_model(arch, num_classes=checkpoint_class_count(arch, state_dict))
-        _check_fit(arch, model, state_dict, source)
-    else:
-        model = meta_model(arch)
-    shape = [batch, 3, height, width]
-    try:
-        stats = torchinfo_summary(
-            model,
-            input_size=tuple(shape),
-            device="meta",
-            depth=depth,
-            verbose=0,
-            col_names=("output_size", "num_params", "kernel_size", "mult_adds"),
-        )
-    except Exception as error:  # torchinfo wraps the model's own error; find its cause.
-        raise input_size_error(arch, model, height, width, error) from None
-    layers = [
-        LayerRow(
-            depth=layer.depth,
-            name=layer.var_name if layer.depth else arch,
-            type=layer.class_name,
-            output_shape=list(layer.output_size) if layer.output_size else None,
-            params=layer.num_params if layer.depth else stats.total_params,
-            kernel_size=_as_list(layer.kernel_size),
-            mult_adds=layer.macs or None,
-        )
-        for layer in stats.summary_list
-        if layer.depth <= depth
-    ]
-    megabyte = 1e6
-    return Summary(
-        arch=arch,
-        input_size=shape,
-        layers=layers,
-        total_params=stats.total_params,
-        trainable_params=stats.trainable_params,
-        mult_adds=stats.total_mult_adds,
-        params_size_mb=stats.total_param_bytes / megabyte,
-        forward_size_mb=stats.total_output_bytes / megabyte,
-        input_size_mb=stats.total_input / megabyte,
-        parameters=parameter_rows(state_dict if state_dict is not None else model, name_filter),
-    )
-
-
-def _as_list(value) -> list[int] | None:
-    if value is None or value == []:
-        return None
-    return [value] if isinstance(value, int) else list(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Input sizes
-
-
-def _root_cause(error: BaseException) -> str:
-    cause = error
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-    text = str(cause).strip().splitlines()
-    return text[0] if text else type(cause).__name__
+def _crop_size(weights) -> int:
+    crop = getattr(weights.transforms(), "crop_size", None)
+    return int(crop[0]) if crop else int(weights.meta.get("min_size", (224, 224))[0])
 
 
 def _runs_at(model: "torch.nn.Module", height: int, width: int) -> bool:
@@ -308,19 +187,37 @@ def _runs_at(model: "torch.nn.Module", height: int, width: int) -> bool:
         return False
 
 
-def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> int | None:
-    """The smallest square input an architecture runs on, by bisection on the meta device.
+def default_input_size(arch: str, model: "torch.nn.Module | None" = None, choice: WeightsChoice | None = None) -> int:
+    """The input size to show a model at when none is given: the crop size of its weights' preprocessing.
 
-    The search runs between the smallest size torchvision documents for the default weights
+    For a model not configured by pretrained weights (a checkpoint, `none`) whose default weights'
+    size it cannot take (`vit_h_14` is built for 224 pixels, its DEFAULT weights use 518), the
+    first crop size among the architecture's other weights that it runs at.
+    """
+    arch = resolve_architecture(arch)
+    reference = choice.reference if choice is not None else weights_enum(arch).DEFAULT
+    preferred = _crop_size(reference)
+    if model is None or (choice is not None and choice.pretrained is not None) or _runs_at(model, preferred, preferred):
+        return preferred
+    for size in dict.fromkeys(_crop_size(w) for w in weights_enum(arch)):
+        if _runs_at(model, size, size):
+            return size
+    return preferred
+
+
+def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> int | None:
+    """The smallest square input a model runs on, by bisection on the meta device.
+
+    The search runs between the smallest size torchvision documents for the architecture's weights
     (`meta["min_size"]`) and the default input size; it returns a size that was seen to work, or
     None when not even the default size runs.
     """
     arch = resolve_architecture(arch)
     model = model if model is not None else meta_model(arch)
-    high = default_input_size(arch)
+    high = default_input_size(arch, model, WeightsChoice(arch, "none"))
     if not _runs_at(model, high, high):
         return None
-    low = max(1, min(int(weights_enum(arch).DEFAULT.meta.get("min_size", (1, 1))[0]), high))
+    low = max(1, min([high] + [int(w.meta.get("min_size", (1, 1))[0]) for w in weights_enum(arch)]))
     while low < high:
         middle = (low + high) // 2
         if _runs_at(model, middle, middle):
@@ -328,6 +225,14 @@ def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> in
         else:
             low = middle + 1
     return high
+
+
+def _root_cause(error: BaseException) -> str:
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
 
 
 def input_size_error(arch: str, model: "torch.nn.Module", height: int, width: int, error: BaseException) -> UsageError:
@@ -338,6 +243,134 @@ def input_size_error(arch: str, model: "torch.nn.Module", height: int, width: in
 
 
 # ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def parameter_rows(
+    model: "torch.nn.Module",
+    state_dict: Mapping[str, "torch.Tensor"] | None = None,
+    name_filter: str | None = None,
+) -> list[ParamRow]:
+    """Every parameter and buffer of a model with shape, dtype and whether it is trainable.
+
+    With `state_dict` (a checkpoint that fits the model) shapes and dtypes are the checkpoint's own.
+    """
+    parameters = dict(model.named_parameters())
+    rows: list[ParamRow] = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if state_dict is not None and key in state_dict:
+            tensor = state_dict[key]
+        kind = "parameter" if key in parameters else "buffer"
+        trainable = bool(kind == "parameter" and parameters[key].requires_grad)
+        rows.append(ParamRow(key, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), kind, trainable))
+    if name_filter:
+        rows = [row for row in rows if name_filter in row.name]
+    return rows
+
+
+def check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "torch.Tensor"], source: str) -> None:
+    """Raise CheckpointError unless a checkpoint has exactly the model's tensor names and shapes."""
+    expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
+    problems = [f"missing {key}" for key in expected if key not in state_dict]
+    problems += [f"unexpected {key}" for key in state_dict if key not in expected]
+    problems += [
+        f"{key} is {list(state_dict[key].shape)} where {arch} has {shape}"
+        for key, shape in expected.items()
+        if key in state_dict and list(state_dict[key].shape) != shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems[:3])}{more}")
+
+
+def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
+    """The meta model that `--weights` describes, without downloading anything.
+
+    A weights name configures the model as those weights do; `none` gives the plain architecture;
+    a checkpoint file is read (tensors only) so that the model takes its head and is checked against
+    it. Returns the choice, the model and the checkpoint's tensors (None unless a file was given).
+    """
+    from resnetcli.registry import checkpoint_class_count, load_state_dict
+
+    choice = resolve_weights(arch, weights)
+    if choice.kind == "url":
+        raise UsageError(f"--weights {weights}: inspection takes a weights name, `none` or a checkpoint file, not a URL")
+    if choice.kind != "checkpoint":
+        return choice, meta_model(choice.arch, choice), None
+    assert choice.path is not None
+    state_dict = load_state_dict(choice.path)
+    model = meta_model(choice.arch, choice, num_classes=checkpoint_class_count(choice.arch, state_dict))
+    check_fit(choice.arch, model, state_dict, str(choice.path))
+    return choice, model, state_dict
+
+
+def summarize(
+    arch: str,
+    *,
+    weights: str | None = None,
+    input_size: Sequence[int] | None = None,
+    batch: int = 1,
+    depth: int = 3,
+    name_filter: str | None = None,
+) -> Summary:
+    """The torchinfo layer tree, totals and parameter list of an architecture, on the meta device.
+
+    `weights` is a weights name, `none` or a checkpoint file (see `inspection_model`); with a
+    checkpoint, the parameter list shows the checkpoint's own shapes (a fine-tuned `fc.weight`).
+    """
+    from torchinfo import summary as torchinfo_summary
+
+    choice, model, state_dict = inspection_model(arch, weights)
+    arch = choice.arch
+    height, width = parse_input_size(input_size, default_input_size(arch, model, choice))
+    shape = [batch, 3, height, width]
+    try:
+        stats = torchinfo_summary(
+            model,
+            input_size=tuple(shape),
+            device="meta",
+            depth=depth,
+            verbose=0,
+            col_names=("output_size", "num_params", "kernel_size", "mult_adds"),
+        )
+    except Exception as error:  # torchinfo wraps the model's own error; find its cause.
+        raise input_size_error(arch, model, height, width, error) from None
+    qualified_names = {id(module): name for name, module in model.named_modules()}
+    layers = [
+        LayerRow(
+            depth=layer.depth,
+            name=qualified_names.get(layer.layer_id, layer.var_name) if layer.depth else arch,
+            type=layer.class_name,
+            output_shape=list(layer.output_size) if layer.output_size else None,
+            params=layer.num_params if layer.depth else stats.total_params,
+            kernel_size=_as_list(layer.kernel_size),
+            mult_adds=(layer.macs if layer.depth else stats.total_mult_adds) or None,
+        )
+        for layer in stats.summary_list
+        if layer.depth <= depth
+    ]
+    megabyte = 1e6
+    return Summary(
+        arch=arch,
+        weights=choice.name,
+        input_size=shape,
+        layers=layers,
+        total_params=stats.total_params,
+        trainable_params=stats.trainable_params,
+        mult_adds=stats.total_mult_adds,
+        params_size_mb=stats.total_param_bytes / megabyte,
+        forward_size_mb=stats.total_output_bytes / megabyte,
+        input_size_mb=stats.total_input / megabyte,
+        parameters=parameter_rows(model, state_dict, name_filter),
+    )
+
+
+def _as_list(value) -> list[int] | None:
+    if value is None or value == []:
+        return None
+    return [value] if isinstance(value, int) else list(value)
+
+
 # Feature maps
 
 #: Layouts of the tensors a feature map can be read from.
@@ -466,7 +499,40 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def natural_stages(arch: str, height: int, width: int, model: "torch.nn.Module | None" = None) -> list[FeatureMap]:
+def _maps_in_flow(outputs: list[_Output], size: tuple[int, int], other_size: tuple[int, int] | None) -> list[tuple[_Output, FeatureMap]]:
+    """The module outputs that are maps of the input, each described as a FeatureMap named after its module."""
+    maps: list[tuple[_Output, FeatureMap]] = []
+    grids: list[tuple[int, int]] = []  # (positions, stride) of the spatial maps so far
+    for output in outputs:
+        feature = _feature(output.module, output.module, output.shape, output.other, size, other_size, grids)
+        if feature is not None:
+            maps.append((output, feature))
+    return maps
+
+
+def _feature(name: str, node: str, shape: Sequence[int], other: Sequence[int] | None, size: tuple[int, int], other_size: tuple[int, int] | None, grids: list[tuple[int, int]]) -> FeatureMap | None:
+    """Describe one output as a feature map, or None if it is no map of the input.
+
+    A token sequence takes the stride of the latest grid it continues: one holding the sequence's
+    positions plus fewer extra tokens (class, register) than a row. Spatial maps are added to `grids`.
+    """
+    layout = _map_layout(shape, other)
+    token_stride = None
+    if layout == TOKENS:
+        fitting = [stride for positions, stride in grids if positions <= shape[1] < positions + max(2, math.isqrt(positions))]
+        if not fitting:
+            return None
+        token_stride = fitting[-1]
+    channels, stride = _describe(shape, other, layout, size, other_size, token_stride)
+    if layout is None or not stride:
+        return None
+    if layout != TOKENS:
+        spatial = shape[2:] if layout == NCHW else shape[1:3]
+        grids.append((spatial[0] * spatial[1], stride))
+    return FeatureMap(name, node, list(shape), layout, channels, stride)
+
+
+def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int) -> list[FeatureMap]:
     """The multi-scale stages of a backbone, found from its own structure.
 
     Every module output that is a map of the input (see `_map_layout`) gets a stride. A module is
@@ -474,30 +540,11 @@ def natural_stages(arch: str, height: int, width: int, model: "torch.nn.Module |
     stride (ResNet's `layer2`, EfficientNet's `features.2`, Swin's patch merging); units are taken
     at the coarsest level, in order. The stage of each stride is the last unit at that stride,
     preferring blocks (modules with children) over single layers, and the stem is the last single
-    layer before the first block (ResNet's `maxpool`, ViT's `conv_proj`).
+    layer before the first block (ResNet's `maxpool`, ViT's `conv_proj`). Stage nodes are module
+    names, which `create_feature_extractor` takes as return nodes.
     """
-    arch = resolve_architecture(arch)
-    model = model if model is not None else meta_model(arch)
     outputs, other_size = _module_outputs(arch, model, height, width)
-    maps: list[tuple[_Output, FeatureMap]] = []
-    last_grid: tuple[int, int] | None = None  # (positions, stride) of the latest spatial map
-    for output in outputs:
-        layout = _map_layout(output.shape, output.other)
-        token_stride = None
-        if layout == TOKENS:
-            positions, grid_stride = last_grid or (0, None)
-            # A token sequence continues the latest grid when it holds its positions plus fewer
-            # extra tokens (class, register) than one row of it.
-            if grid_stride is None or not positions <= output.shape[1] < positions + max(2, math.isqrt(positions)):
-                continue
-            token_stride = grid_stride
-        channels, stride = _describe(output.shape, output.other, layout, (height, width), other_size, token_stride)
-        if layout is None or not stride:
-            continue
-        if layout != TOKENS:
-            spatial = output.shape[2:] if layout == NCHW else output.shape[1:3]
-            last_grid = (spatial[0] * spatial[1], stride)
-        maps.append((output, FeatureMap(output.module, output.module, list(output.shape), layout, channels, stride)))
+    maps = _maps_in_flow(outputs, (height, width), other_size)
 
     strides_within: dict[str, set[int]] = {}
     own_stride: dict[str, int] = {}
@@ -520,7 +567,8 @@ def natural_stages(arch: str, height: int, width: int, model: "torch.nn.Module |
     stages: list[FeatureMap] = []
     first_block = next((i for i, (output, _) in enumerate(ordered) if output.is_block), None)
     if first_block:
-        stages.append(FeatureMap("stem", *_fields_after_name(ordered[first_block - 1][1])))
+        stem = ordered[first_block - 1][1]
+        stages.append(FeatureMap("stem", stem.node, stem.shape, stem.layout, stem.channels, stem.stride))
     by_stride: dict[int, FeatureMap] = {}
     has_block: set[int] = set()
     for output, feature in ordered[first_block or 0 :]:
@@ -534,12 +582,211 @@ def natural_stages(arch: str, height: int, width: int, model: "torch.nn.Module |
     return stages
 
 
-def _fields_after_name(feature: FeatureMap) -> tuple:
-    return feature.node, feature.shape, feature.layout, feature.channels, feature.stride
+def graph_nodes(model: "torch.nn.Module") -> list[str]:
+    """The names of a model's graph nodes in eval mode (torch.fx), as `create_feature_extractor` takes them."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.fx's notes on modules it traces through
+        return get_graph_node_names(model)[1]
 
 
-def feature_maps(arch: str, *, input_size: Sequence[int] | None = None) -> list[FeatureMap]:
-    """The natural multi-scale feature maps of an architecture at an input size."""
-    arch = resolve_architecture(arch)
-    height, width = parse_input_size(input_size, default_input_size(arch))
-    return natural_stages(arch, height, width)
+def _node_extractor(arch: str, model: "torch.nn.Module", nodes: Mapping[str, str]):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return create_feature_extractor(model, return_nodes=dict(nodes))
+    except ValueError:
+        available = graph_nodes(model)
+        unknown = [node for node in nodes if not any(n == node or n.startswith(node + ".") for n in available)]
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], available, n=3, cutoff=0.6) if unknown else []
+        suggestion = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(
+            f"{arch} has no graph node {', '.join(unknown) or ', '.join(nodes)}{suggestion} "
+            f"(`resnet features {arch} --list-nodes` lists them)"
+        ) from None
+
+
+def _node_shapes(extractor, height: int, width: int) -> dict[str, tuple[int, ...] | None]:
+    import torch
+
+    with torch.inference_mode():
+        outputs = extractor(torch.empty(1, 3, height, width, device="meta"))
+    return {name: tuple(t.shape) if isinstance(t, torch.Tensor) else None for name, t in outputs.items()}
+
+
+def node_maps(arch: str, model: "torch.nn.Module", nodes: Sequence[str], height: int, width: int) -> list[FeatureMap]:
+    """Shapes, layouts, channels and strides of any graph nodes (or module names) of a model."""
+    extractor = _node_extractor(arch, model, {node: node for node in nodes})
+    try:
+        shapes = _node_shapes(extractor, height, width)
+    except Exception as error:
+        raise input_size_error(arch, model, height, width, error) from None
+    other_size: tuple[int, int] | None = (2 * height, 2 * width)
+    try:
+        other_shapes = _node_shapes(extractor, *other_size)
+    except Exception:  # A model built for one input size only.
+        other_shapes, other_size = {}, None
+    outputs, flow_other_size = _module_outputs(arch, model, height, width)
+    grids = [
+        (feature.shape[2] * feature.shape[3] if feature.layout == NCHW else feature.shape[1] * feature.shape[2], feature.stride)
+        for _, feature in _maps_in_flow(outputs, (height, width), flow_other_size)
+        if feature.layout != TOKENS
+    ]
+    maps = []
+    for node in dict.fromkeys(nodes):
+        shape = shapes[node]
+        if shape is None:
+            raise UsageError(f"{arch}: graph node {node} does not output a tensor")
+        feature = _feature(node, node, shape, other_shapes.get(node), (height, width), other_size, list(grids))
+        maps.append(feature or FeatureMap(node, node, list(shape), None, None, None))
+    return maps
+
+
+@dataclass
+class FeatureReport:
+    """What `resnet features` reports: the maps of one architecture at one input size."""
+
+    arch: str
+    weights: str
+    input_size: list[int]
+    maps: list[FeatureMap]
+
+
+def feature_maps(
+    arch: str,
+    *,
+    weights: str | None = None,
+    input_size: Sequence[int] | None = None,
+    nodes: Sequence[str] | None = None,
+) -> FeatureReport:
+    """The natural multi-scale feature maps of an architecture (or the given graph nodes), on the meta device."""
+    choice, model, _ = inspection_model(arch, weights)
+    height, width = parse_input_size(input_size, default_input_size(choice.arch, model, choice))
+    maps = node_maps(choice.arch, model, nodes, height, width) if nodes else natural_stages(choice.arch, model, height, width)
+    return FeatureReport(choice.arch, choice.name, [1, 3, height, width], maps)
+
+
+def list_graph_nodes(arch: str, weights: str | None = None) -> list[str]:
+    """The graph nodes of an architecture a user can pick with `--nodes`."""
+    _, model, _ = inspection_model(arch, weights)
+    return graph_nodes(model)
+
+
+def extract_features(
+    arch: str,
+    image_path: str,
+    *,
+    weights: str | None = None,
+    nodes: Sequence[str] | None = None,
+    settings=None,
+    on_progress=None,
+) -> tuple[FeatureReport, dict[str, "torch.Tensor"], list[str]]:
+    """Run a real image through the model with its weights and return the feature tensors.
+
+    The weights come through `registry.load_model` (cache, download, mirror, offline, checkpoint);
+    the image through the weights' own preprocessing, which sets the input size. Maps are the
+    natural stages (or `nodes`), keyed by name. Also returns the model's notes (warnings).
+    """
+    import torch
+
+    from resnetcli.images import load_image
+    from resnetcli.registry import load_model
+
+    loaded = load_model(arch, weights, settings=settings, on_progress=on_progress)
+    batch = loaded.transforms(load_image(image_path)).unsqueeze(0)
+    height, width = batch.shape[-2:]
+    plan = meta_model(loaded.arch, loaded.weights, num_classes=None if loaded.weights.pretrained else len(loaded.categories))
+    maps = node_maps(loaded.arch, plan, nodes, height, width) if nodes else natural_stages(loaded.arch, plan, height, width)
+    extractor = _node_extractor(loaded.arch, loaded.model, {feature.node: feature.name for feature in maps})
+    with torch.inference_mode():
+        tensors = extractor(batch)
+    maps = [
+        FeatureMap(f.name, f.node, list(tensors[f.name].shape), f.layout, f.channels, f.stride) for f in maps
+    ]
+    return FeatureReport(loaded.arch, loaded.weights.name, list(batch.shape), maps), dict(tensors), loaded.notes
+
+
+def save_features(tensors: Mapping[str, "torch.Tensor"], path) -> None:
+    """Save feature tensors by name: `.npz` through numpy, `.pt` as a dict of tensors through torch.save."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".pt"):
+        raise UsageError(f"--save {path}: the file name must end in .npz or .pt")
+    try:
+        if suffix == ".npz":
+            import numpy
+
+            numpy.savez(path, **{name: tensor.detach().cpu().numpy() for name, tensor in tensors.items()})
+        else:
+            torch.save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, path)
+    except OSError as error:
+        raise UsageError(f"--save {path}: cannot write: {error.strerror or error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalogue of architectures and weights
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """One pretrained weights set of an architecture, from torchvision's `weights.meta`."""
+
+    arch: str
+    weights: str
+    default: bool
+    acc1: float | None
+    acc5: float | None
+    params: int | None
+    gflops: float | None
+    file_mb: float | None
+    file: str
+    cached: bool
+
+
+def weights_catalogue(pattern: str | None = None) -> list[WeightsInfo]:
+    """Every architecture whose name matches the shell-style `pattern` (case-insensitive), with its weights.
+
+    Accuracies are those torchvision publishes (`meta["_metrics"]`, first dataset: ImageNet-1K);
+    `cached` says whether the weights file is in resnetcli's (torch.hub's) checkpoint folder.
+    """
+    import fnmatch
+
+    from resnetcli.cache import checkpoint_dir
+    from resnetcli.registry import architecture_names, weights_file_name
+
+    wanted = (pattern or "*").strip().lower()
+    archs = [arch for arch in architecture_names() if fnmatch.fnmatchcase(arch, wanted)]
+    if not archs:
+        raise UsageError(f"no architecture matches {pattern!r} (`resnet list` shows them all)")
+    folder = checkpoint_dir()
+    rows: list[WeightsInfo] = []
+    for arch in archs:
+        enum = weights_enum(arch)
+        for member in enum:
+            meta = member.meta
+            metrics = next(iter(meta.get("_metrics", {}).values()), {})
+            file = weights_file_name(member)
+            rows.append(
+                WeightsInfo(
+                    arch=arch,
+                    weights=member.name,
+                    default=member is enum.DEFAULT,
+                    acc1=metrics.get("acc@1"),
+                    acc5=metrics.get("acc@5"),
+                    params=meta.get("num_params"),
+                    gflops=meta.get("_ops"),
+                    file_mb=meta.get("_file_size"),
+                    file=file,
+                    cached=(folder / file).is_file(),
+                )
+            )
+    return rows
