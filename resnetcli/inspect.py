@@ -208,16 +208,15 @@ def default_input_size(arch: str, model: "torch.nn.Module | None" = None, choice
 def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> int | None:
     """The smallest square input a model runs on, by bisection on the meta device.
 
-    The search runs between the smallest size torchvision documents for the architecture's weights
-    (`meta["min_size"]`) and the default input size; it returns a size that was seen to work, or
-    None when not even the default size runs.
+    The search runs between 1 pixel and the default input size; it returns a size that was seen
+    to work, or None when not even the default size runs.
     """
     arch = resolve_architecture(arch)
     model = model if model is not None else meta_model(arch)
     high = default_input_size(arch, model, WeightsChoice(arch, "none"))
     if not _runs_at(model, high, high):
         return None
-    low = max(1, min([high] + [int(w.meta.get("min_size", (1, 1))[0]) for w in weights_enum(arch)]))
+    low = 1
     while low < high:
         middle = (low + high) // 2
         if _runs_at(model, middle, middle):
