@@ -11,6 +11,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from resnetcli.errors import CheckpointError, UsageError
@@ -552,6 +553,7 @@ def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int)
         for name in [output.module, *_ancestors(output.module)]:
             strides_within.setdefault(name, set()).add(feature.stride)
 
+    @lru_cache(maxsize=None)
     def is_unit(name: str) -> bool:
         spanned = strides_within.get(name, set())
         return name in own_stride and len(spanned) <= 2 and max(spanned) == own_stride[name]

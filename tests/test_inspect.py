@@ -23,6 +23,8 @@ from conftest import REPO, env_without_resnet
 
 ARCHITECTURES = models.list_models(module=models)
 RESNET_FAMILY = [a for a in ARCHITECTURES if a.startswith(("resnet", "resnext", "wide_resnet"))]
+#: The first architecture of each torchvision model module (resnet, efficientnet, swin_transformer, ...).
+ONE_PER_FAMILY = list({models.get_model_builder(a).__module__: a for a in reversed(ARCHITECTURES)}.values())[::-1]
 
 
 @pytest.fixture(autouse=True)
@@ -76,28 +78,22 @@ def extracted_shapes(arch, nodes, size):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_summary_every_architecture(runner, app, arch):
+def test_summary_and_features_every_architecture(runner, app, arch):
     default = models.get_model_weights(arch).DEFAULT
-    document = run_json(runner, app, "summary", arch, "--depth", "1")
     size = crop_size(default)
+    document = run_json(runner, app, "summary", arch, "--depth", "99", "--columns", "layer,output_shape,params")
     assert document["input_size"] == [1, 3, size, size]
     assert document["weights"] == default.name
     assert document["totals"]["total_params"] == default.meta["num_params"]
-    assert document["layers"][0] == {
-        "layer": arch, "type": document["layers"][0]["type"], "output_shape": [1, len(default.meta["categories"])],
-        "params": default.meta["num_params"],
-    }
+    assert document["layers"][0] == {"layer": arch, "output_shape": [1, len(default.meta["categories"])], "params": default.meta["num_params"]}
     parameters = [p for p in document["parameters"] if p["kind"] == "parameter"]
     assert sum(math.prod(p["shape"]) for p in parameters) == default.meta["num_params"]
 
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_features_every_architecture(runner, app, arch):
     maps = run_json(runner, app, "features", arch)
-    size = crop_size(models.get_model_weights(arch).DEFAULT)
     assert len(maps) >= 2
-    # Nodes are real graph nodes: torchvision's extractor gives the same shapes.
-    assert [m["shape"] for m in maps] == extracted_shapes(arch, [m["node"] for m in maps], size)
+    # The same modules' outputs as torchinfo recorded them (a module called twice: its last call).
+    layer_shapes = {row["layer"]: row["output_shape"] for row in document["layers"]}
+    assert [m["shape"] for m in maps] == [layer_shapes[m["node"]] for m in maps]
     channel_axis = {"NCHW": 1, "NHWC": 3, "NLC": 2}
     for feature in maps:
         assert feature["channels"] == feature["shape"][channel_axis[feature["layout"]]]
@@ -111,6 +107,13 @@ def test_features_every_architecture(runner, app, arch):
     # Nothing inside a stage is reported beside it: stages are the coarsest modules.
     nodes = [m["node"] for m in maps]
     assert not any(a != b and b.startswith(a + ".") for a in nodes for b in nodes)
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
+def test_feature_nodes_work_with_create_feature_extractor(runner, app, arch):
+    maps = run_json(runner, app, "features", arch)
+    size = crop_size(models.get_model_weights(arch).DEFAULT)
+    assert [m["shape"] for m in maps] == extracted_shapes(arch, [m["node"] for m in maps], size)
 
 
 # ---------------------------------------------------------------------------------------------
