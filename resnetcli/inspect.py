@@ -12,7 +12,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from resnetcli.errors import CheckpointError, UsageError
 from resnetcli.registry import WeightsChoice, resolve_architecture, resolve_weights, weights_enum
@@ -299,7 +299,8 @@ def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoi
         return choice, meta_model(choice.arch, choice), None
     assert choice.path is not None
     state_dict = load_state_dict(choice.path)
-    model = meta_model(choice.arch, choice, num_classes=checkpoint_class_count(choice.arch, state_dict))
+    default_head = meta_model(choice.arch, choice, num_classes=len(choice.reference.meta["categories"]))
+    model = meta_model(choice.arch, choice, num_classes=checkpoint_class_count(choice.arch, state_dict, default_head))
     check_fit(choice.arch, model, state_dict, str(choice.path))
     return choice, model, state_dict
 
@@ -632,12 +633,15 @@ def node_maps(arch: str, model: "torch.nn.Module", nodes: Sequence[str], height:
         other_shapes = _node_shapes(extractor, *other_size)
     except Exception:  # A model built for one input size only.
         other_shapes, other_size = {}, None
-    outputs, flow_other_size = _module_outputs(arch, model, height, width)
-    grids = [
-        (feature.shape[2] * feature.shape[3] if feature.layout == NCHW else feature.shape[1] * feature.shape[2], feature.stride)
-        for _, feature in _maps_in_flow(outputs, (height, width), flow_other_size)
-        if feature.layout != TOKENS
-    ]
+    grids: list[tuple[int, int]] = []
+    if any(shape is not None and len(shape) == 3 for shape in shapes.values()):
+        # Token sequences take their stride from the grids of the model's spatial maps.
+        outputs, flow_other_size = _module_outputs(arch, model, height, width)
+        grids = [
+            (feature.shape[2] * feature.shape[3] if feature.layout == NCHW else feature.shape[1] * feature.shape[2], feature.stride)
+            for _, feature in _maps_in_flow(outputs, (height, width), flow_other_size)
+            if feature.layout != TOKENS
+        ]
     maps = []
     for node in dict.fromkeys(nodes):
         shape = shapes[node]

@@ -67,7 +67,9 @@ def extracted_shapes(arch, nodes, size):
 
     from resnetcli.inspect import meta_model
 
-    extractor = create_feature_extractor(meta_model(arch), return_nodes={node: str(i) for i, node in enumerate(nodes)})
+    extractor = create_feature_extractor(
+        meta_model(arch), return_nodes={node: str(i) for i, node in enumerate(nodes)}, suppress_diff_warning=True
+    )
     with torch.inference_mode():
         outputs = extractor(torch.empty(1, 3, size, size, device="meta"))
     return [list(outputs[str(i)].shape) for i in range(len(nodes))]
@@ -323,6 +325,15 @@ def test_summary_checkpoint_shows_its_own_head(runner, app, tmp_path):
     assert f"{checkpoint}: does not fit resnet50" in one_line_error(wrong)
 
 
+def test_summary_checkpoint_of_an_architecture_that_computes_its_widths(runner, app, tmp_path):
+    import torch
+
+    checkpoint = tmp_path / "regnet.pth"
+    torch.save(models.regnet_y_400mf(num_classes=5).state_dict(), checkpoint)
+    document = run_json(runner, app, "summary", "regnet_y_400mf", "--weights", checkpoint, "--params", "--filter", "fc.")
+    assert [(p["name"], p["shape"]) for p in document["parameters"]] == [("fc.weight", [5, 440]), ("fc.bias", [5])]
+
+
 def test_summary_weights_name_configures_the_model_without_download(runner, app, checkpoint_dir):
     for name in ("IMAGENET1K_SWAG_LINEAR_V1", "IMAGENET1K_SWAG_E2E_V1"):
         weights = models.ViT_H_14_Weights[name]
@@ -333,7 +344,7 @@ def test_summary_weights_name_configures_the_model_without_download(runner, app,
     assert not checkpoint_dir.exists() or not any(checkpoint_dir.iterdir())
 
 
-@pytest.mark.parametrize("arch, size", [("inception_v3", 50), ("vit_b_16", 200), ("maxvit_t", 448)])
+@pytest.mark.parametrize("arch, size", [("inception_v3", 50), ("vit_b_16", 200)])
 def test_summary_input_too_small_names_smallest_size_that_works(runner, app, arch, size):
     result = run_cli(runner, app, "summary", arch, "--input-size", str(size))
     assert result.exit_code == 2
