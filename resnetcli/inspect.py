@@ -702,8 +702,9 @@ def extract_features(
     from resnetcli.images import load_image
     from resnetcli.registry import load_model
 
+    image = load_image(image_path)  # a bad image fails before any download
     loaded = load_model(arch, weights, settings=settings, on_progress=on_progress)
-    batch = loaded.transforms(load_image(image_path)).unsqueeze(0)
+    batch = loaded.transforms(image).unsqueeze(0)
     height, width = batch.shape[-2:]
     plan = meta_model(loaded.arch, loaded.weights, num_classes=None if loaded.weights.pretrained else len(loaded.categories))
     maps = node_maps(loaded.arch, plan, nodes, height, width) if nodes else natural_stages(loaded.arch, plan, height, width)

@@ -3,7 +3,8 @@
 Completion runs the `resnet` program on every key press, and importing torch takes seconds. The
 names come from torchvision's registry once and are kept in a small JSON file per torchvision
 version, `$XDG_CACHE_HOME/resnetcli/names-<version>.json` (default `~/.cache/resnetcli`): written
-whenever a command loads the registry anyway, and generated on the first completion otherwise.
+by the commands that load the registry anyway (`summary`, `features`, `list`), and generated on the
+first completion otherwise.
 """
 
 from __future__ import annotations

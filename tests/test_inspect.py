@@ -263,6 +263,15 @@ def test_features_save_needs_weights_it_can_get(runner, app, sample_images, tmp_
     assert not target.exists()
 
 
+def test_features_save_bad_image_fails_before_any_download(runner, app, tmp_path, checkpoint_dir):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("text, not a JPEG")
+    result = run_cli(runner, app, "features", "resnet18", "--image", not_an_image, "--save", tmp_path / "f.npz", "--mirror", "http://127.0.0.1:9")
+    assert result.exit_code == 1
+    assert one_line_error(result) == f"resnet: error: {not_an_image}: not an image (unrecognised format)"
+    assert not checkpoint_dir.exists() or not any(checkpoint_dir.iterdir())
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
