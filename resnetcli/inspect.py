@@ -1,16 +1,21 @@
 """Model inspection without weights: layer summaries, parameter lists and feature maps.
 
 Models are built on PyTorch's meta device, so shapes and counts come without allocating memory
-or paying for random initialisation.
+or paying for random initialisation. Nothing here knows a particular architecture: stages, layouts
+and strides are read from what a model's modules output.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
-from resnetcli.errors import UsageError
-from resnetcli.registry import build_meta_model, resolve_architecture
+from resnetcli.errors import CheckpointError, UsageError
+from resnetcli.registry import WeightsChoice, resolve_architecture, resolve_weights, weights_enum
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -18,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One row of the layer tree."""
+    """One row of the layer tree; `name` is the module's qualified name (`layer1.0.conv1`), the root's the architecture."""
 
     depth: int
     name: str
@@ -45,6 +50,7 @@ class Summary:
     """What `resnet summary` reports."""
 
     arch: str
+    weights: str
     input_size: list[int]
     layers: list[LayerRow]
     total_params: int
@@ -70,24 +76,89 @@ class Summary:
         }
 
 
-def parameter_rows(state: "torch.nn.Module | Mapping[str, torch.Tensor]", name_filter: str | None = None) -> list[ParamRow]:
-    """Every parameter and buffer of a model (or the tensors of a state dict) with shape and dtype."""
+# ---------------------------------------------------------------------------------------------
+# Building models on the meta device
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to the meta device as a module registers it.
+
+    For builders that compute their widths with torch (RegNet's `BlockParams`), under which a
+    plain `torch.device("meta")` fails: their arithmetic stays on the CPU, the model's tensors
+    still end up on meta (each is allocated uninitialised for a moment, one at a time).
+    """
     import torch
 
-    rows: list[ParamRow] = []
-    if isinstance(state, torch.nn.Module):
-        parameters = dict(state.named_parameters())
-        for key, tensor in state.state_dict(keep_vars=True).items():
-            kind = "parameter" if key in parameters else "buffer"
-            trainable = bool(kind == "parameter" and tensor.requires_grad)
-            rows.append(ParamRow(key, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), kind, trainable))
-    else:
-        for key, tensor in state.items():
-            floating = tensor.is_floating_point() and not key.endswith(("running_mean", "running_var"))
-            rows.append(ParamRow(key, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), "parameter" if floating else "buffer", floating))
-    if name_filter:
-        rows = [row for row in rows if name_filter in row.name]
-    return rows
+    module_class = torch.nn.Module
+    register_parameter, register_buffer = module_class.register_parameter, module_class.register_buffer
+
+    def parameter_on_meta(self, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer_on_meta(self, name, tensor, persistent=True):
+        register_buffer(self, name, tensor.to("meta") if tensor is not None else None, persistent)
+
+    module_class.register_parameter, module_class.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        module_class.register_parameter, module_class.register_buffer = register_parameter, register_buffer
+
+
+@contextmanager
+def _without_loading(weights) -> Iterator[None]:
+    """Let a builder configure a model for `weights` (image size, class count, input transform)
+    without reading the weights file: `get_state_dict` serves nothing and loading is skipped."""
+    import torch
+
+    module_class = torch.nn.Module
+    load_state_dict = module_class.load_state_dict
+    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: {}
+    module_class.load_state_dict = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        module_class.load_state_dict = load_state_dict
+        weights.__dict__.pop("get_state_dict", None)
+
+
+def meta_model(arch: str, choice: "WeightsChoice | None" = None, num_classes: int | None = None) -> "torch.nn.Module":
+    """Build an architecture on the meta device, in eval mode, without weights or random init.
+
+    The model is configured as the pretrained weights of `choice` configure it (image size, class
+    count, input transform; by default the architecture's DEFAULT weights, e.g. `vit_h_14` for
+    518-pixel inputs), so its shapes and parameter count are those of the published model. Any
+    other choice (a checkpoint, `none`) gives the plain architecture with `num_classes` outputs.
+    """
+    import torch
+    from torchvision import models
+
+    arch = resolve_architecture(arch)
+    builder = models.get_model_builder(arch)
+    pretrained = weights_enum(arch).DEFAULT if choice is None else choice.pretrained
+
+    def build() -> "torch.nn.Module":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's notes about future init changes
+            if pretrained is None:
+                return builder(weights=None, **({"num_classes": num_classes} if num_classes else {}))
+            with _without_loading(pretrained):
+                return builder(weights=pretrained)
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except NotImplementedError:  # The builder needs real numbers ("Cannot copy out of meta tensor").
+        with _parameters_on_meta():
+            model = build()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input sizes
 
 
 def parse_input_size(values: Sequence[int] | None, default: int) -> tuple[int, int]:
@@ -101,39 +172,158 @@ def parse_input_size(values: Sequence[int] | None, default: int) -> tuple[int, i
     raise UsageError("--input-size takes H or H,W")
 
 
-def default_input_size(arch: str) -> int:
-    """The input size the architecture's default weights were evaluated at (crop size of its transforms)."""
-    from resnetcli.registry import weights_enum
-
-    transforms = weights_enum(arch).DEFAULT.transforms()
-    crop = getattr(transforms, "crop_size", None)
-    if crop:
-        return int(crop[0])
-    return int(weights_enum(arch).DEFAULT.meta.get("min_size", (224, 224))[0])
+def _crop_size(weights) -> int:
+    crop = getattr(weights.transforms(), "crop_size", None)
+    return int(crop[0]) if crop else int(weights.meta.get("min_size", (224, 224))[0])
 
 
-def _meta_model(arch: str, state_dict: Mapping[str, "torch.Tensor"] | None):
-    from resnetcli.registry import checkpoint_class_count
+def _runs_at(model: "torch.nn.Module", height: int, width: int) -> bool:
+    import torch
 
-    num_classes = checkpoint_class_count(arch, state_dict) if state_dict is not None else None
-    return build_meta_model(arch, num_classes=num_classes)
+    try:
+        with torch.inference_mode():
+            model(torch.empty(1, 3, height, width, device="meta"))
+        return True
+    except Exception:
+        return False
+
+
+def default_input_size(arch: str, model: "torch.nn.Module | None" = None, choice: WeightsChoice | None = None) -> int:
+    """The input size to show a model at when none is given: the crop size of its weights' preprocessing.
+
+    For a model not configured by pretrained weights (a checkpoint, `none`) whose default weights'
+    size it cannot take (`vit_h_14` is built for 224 pixels, its DEFAULT weights use 518), the
+    first crop size among the architecture's other weights that it runs at.
+    """
+    arch = resolve_architecture(arch)
+    reference = choice.reference if choice is not None else weights_enum(arch).DEFAULT
+    preferred = _crop_size(reference)
+    if model is None or (choice is not None and choice.pretrained is not None) or _runs_at(model, preferred, preferred):
+        return preferred
+    for size in dict.fromkeys(_crop_size(w) for w in weights_enum(arch)):
+        if _runs_at(model, size, size):
+            return size
+    return preferred
+
+
+def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> int | None:
+    """The smallest square input a model runs on, by bisection on the meta device.
+
+    The search runs between 1 pixel and the default input size; it returns a size that was seen
+    to work, or None when not even the default size runs.
+    """
+    arch = resolve_architecture(arch)
+    model = model if model is not None else meta_model(arch)
+    high = default_input_size(arch, model, WeightsChoice(arch, "none"))
+    if not _runs_at(model, high, high):
+        return None
+    low = 1
+    while low < high:
+        middle = (low + high) // 2
+        if _runs_at(model, middle, middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def _root_cause(error: BaseException) -> str:
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+def input_size_error(arch: str, model: "torch.nn.Module", height: int, width: int, error: BaseException) -> UsageError:
+    """The usage error for an input the model cannot take: its own reason and the smallest size that works."""
+    smallest = smallest_input_size(arch, model)
+    hint = f"; the smallest size that works is {smallest}" if smallest else ""
+    return UsageError(f"{arch} cannot run on a {height}x{width} input ({_root_cause(error)}){hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def parameter_rows(
+    model: "torch.nn.Module",
+    state_dict: Mapping[str, "torch.Tensor"] | None = None,
+    name_filter: str | None = None,
+) -> list[ParamRow]:
+    """Every parameter and buffer of a model with shape, dtype and whether it is trainable.
+
+    With `state_dict` (a checkpoint that fits the model) shapes and dtypes are the checkpoint's own.
+    """
+    parameters = dict(model.named_parameters())
+    rows: list[ParamRow] = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if state_dict is not None and key in state_dict:
+            tensor = state_dict[key]
+        kind = "parameter" if key in parameters else "buffer"
+        trainable = bool(kind == "parameter" and parameters[key].requires_grad)
+        rows.append(ParamRow(key, list(tensor.shape), str(tensor.dtype).removeprefix("torch."), kind, trainable))
+    if name_filter:
+        rows = [row for row in rows if name_filter in row.name]
+    return rows
+
+
+def check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "torch.Tensor"], source: str) -> None:
+    """Raise CheckpointError unless a checkpoint has exactly the model's tensor names and shapes."""
+    expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
+    problems = [f"missing {key}" for key in expected if key not in state_dict]
+    problems += [f"unexpected {key}" for key in state_dict if key not in expected]
+    problems += [
+        f"{key} is {list(state_dict[key].shape)} where {arch} has {shape}"
+        for key, shape in expected.items()
+        if key in state_dict and list(state_dict[key].shape) != shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems[:3])}{more}")
+
+
+def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
+    """The meta model that `--weights` describes, without downloading anything.
+
+    A weights name configures the model as those weights do; `none` gives the plain architecture;
+    a checkpoint file is read (tensors only) so that the model takes its head and is checked against
+    it. Returns the choice, the model and the checkpoint's tensors (None unless a file was given).
+    """
+    from resnetcli.registry import checkpoint_class_count, load_state_dict
+
+    choice = resolve_weights(arch, weights)
+    if choice.kind == "url":
+        raise UsageError(f"--weights {weights}: inspection takes a weights name, `none` or a checkpoint file, not a URL")
+    if choice.kind != "checkpoint":
+        return choice, meta_model(choice.arch, choice), None
+    assert choice.path is not None
+    state_dict = load_state_dict(choice.path)
+    default_head = meta_model(choice.arch, choice, num_classes=len(choice.reference.meta["categories"]))
+    model = meta_model(choice.arch, choice, num_classes=checkpoint_class_count(choice.arch, state_dict, default_head))
+    check_fit(choice.arch, model, state_dict, str(choice.path))
+    return choice, model, state_dict
 
 
 def summarize(
     arch: str,
     *,
+    weights: str | None = None,
     input_size: Sequence[int] | None = None,
     batch: int = 1,
     depth: int = 3,
-    state_dict: Mapping[str, "torch.Tensor"] | None = None,
     name_filter: str | None = None,
 ) -> Summary:
-    """The torchinfo layer tree, totals and parameter list of an architecture, on the meta device."""
+    """The torchinfo layer tree, totals and parameter list of an architecture, on the meta device.
+
+    `weights` is a weights name, `none` or a checkpoint file (see `inspection_model`); with a
+    checkpoint, the parameter list shows the checkpoint's own shapes (a fine-tuned `fc.weight`).
+    """
     from torchinfo import summary as torchinfo_summary
 
-    arch = resolve_architecture(arch)
-    height, width = parse_input_size(input_size, default_input_size(arch))
-    model = _meta_model(arch, state_dict)
+    choice, model, state_dict = inspection_model(arch, weights)
+    arch = choice.arch
+    height, width = parse_input_size(input_size, default_input_size(arch, model, choice))
     shape = [batch, 3, height, width]
     try:
         stats = torchinfo_summary(
@@ -145,16 +335,17 @@ def summarize(
             col_names=("output_size", "num_params", "kernel_size", "mult_adds"),
         )
     except Exception as error:  # torchinfo wraps the model's own error; find its cause.
-        raise _input_too_small(arch, height, width, error) from None
+        raise input_size_error(arch, model, height, width, error) from None
+    qualified_names = {id(module): name for name, module in model.named_modules()}
     layers = [
         LayerRow(
             depth=layer.depth,
-            name=layer.var_name if layer.depth else arch,
+            name=qualified_names.get(layer.layer_id, layer.var_name) if layer.depth else arch,
             type=layer.class_name,
             output_shape=list(layer.output_size) if layer.output_size else None,
             params=layer.num_params if layer.depth else stats.total_params,
             kernel_size=_as_list(layer.kernel_size),
-            mult_adds=layer.macs or None,
+            mult_adds=(layer.macs if layer.depth else stats.total_mult_adds) or None,
         )
         for layer in stats.summary_list
         if layer.depth <= depth
@@ -162,6 +353,7 @@ def summarize(
     megabyte = 1e6
     return Summary(
         arch=arch,
+        weights=choice.name,
         input_size=shape,
         layers=layers,
         total_params=stats.total_params,
@@ -170,7 +362,7 @@ def summarize(
         params_size_mb=stats.total_param_bytes / megabyte,
         forward_size_mb=stats.total_output_bytes / megabyte,
         input_size_mb=stats.total_input / megabyte,
-        parameters=parameter_rows(state_dict if state_dict is not None else model, name_filter),
+        parameters=parameter_rows(model, state_dict, name_filter),
     )
 
 
@@ -180,125 +372,127 @@ def _as_list(value) -> list[int] | None:
     return [value] if isinstance(value, int) else list(value)
 
 
-def _input_too_small(arch: str, height: int, width: int, error: Exception) -> UsageError:
-    cause = error
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-    smallest = smallest_input_size(arch)
-    hint = f"; the smallest size that works is {smallest}" if smallest else ""
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return UsageError(f"{arch} cannot run on a {height}x{width} input ({text}){hint}")
-
-
-def _runs_at(arch: str, model, size: int) -> bool:
-    import torch
-
-    try:
-        with torch.inference_mode():
-            model(torch.empty(1, 3, size, size, device="meta"))
-        return True
-    except Exception:
-        return False
-
-
-def smallest_input_size(arch: str) -> int | None:
-    """The smallest square input an architecture accepts, by bisection on the meta device."""
-    model = build_meta_model(arch)
-    low, high = 1, 1024
-    if not _runs_at(arch, model, high):
-        return None
-    while low < high:
-        middle = (low + high) // 2
-        if _runs_at(arch, model, middle):
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
-# ---------------------------------------------------------------------------------------------
 # Feature maps
+
+#: Layouts of the tensors a feature map can be read from.
+NCHW, NHWC, TOKENS = "NCHW", "NHWC", "NLC"
 
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """One feature map of a backbone: where it is taken and what it looks like."""
+    """One feature map of a backbone: where it is taken and what it looks like.
+
+    `layout` says how `shape` is ordered: NCHW (convolutional), NHWC (channels last, e.g. Swin) or
+    NLC (a sequence of patch tokens, e.g. ViT); `channels` and `stride` (input pixels per output
+    pixel, rounded as `stride_of` explains) are read accordingly. Outputs that are not maps (logits,
+    pooled vectors) have no layout, channels or stride.
+    """
 
     name: str
     node: str
     shape: list[int]
-    channels: int
-    stride: int
+    layout: str | None
+    channels: int | None
+    stride: int | None
 
 
-def _module_outputs(model, height: int, width: int) -> list[tuple[str, object, int]]:
-    """Run a meta forward pass and record (module name, output, number of children) in completion order."""
+@dataclass(frozen=True)
+class _Output:
+    """What one call of a module returned, at the requested size and (when the model allows) at twice it."""
+
+    module: str
+    shape: tuple[int, ...]
+    other: tuple[int, ...] | None
+    is_block: bool  # a module with children: a stage, block or layer group rather than one op
+
+
+def stride_of(ratio: float) -> int:
+    """A reduction factor as an integer: the nearest power of two when within 10% of one, else the nearest integer.
+
+    Convolutions without padding lose a few pixels (inception_v3 at 299 gives 17x17 maps at
+    reduction 16, where 299 / 17 is 17.6); patch sizes that are no power of two stay exact
+    (vit_h_14's 14-pixel patches).
+    """
+    if ratio <= 0:
+        return 0
+    power = 2 ** round(math.log2(ratio))
+    return power if abs(ratio / power - 1) <= 0.1 else max(1, round(ratio))
+
+
+def _map_layout(shape: Sequence[int], other: Sequence[int] | None) -> str | None:
+    """Which of NCHW, NHWC or NLC a module output is in, or None if it is no map of the input.
+
+    With a second forward pass at another size the spatial dimensions are those that scaled. Models
+    that take one size only (ViT, MaxViT) are read by shape: a square input gives square maps.
+    """
+    if other is not None and len(other) == len(shape):
+        scaled = tuple(d for d in range(1, len(shape)) if shape[d] != other[d])
+        return {(2, 3): NCHW, (1, 2): NHWC, (1,): TOKENS}.get(scaled) if len(shape) in (3, 4) else None
+    if len(shape) == 4 and shape[2] == shape[3] > 1:
+        return NCHW
+    if len(shape) == 4 and shape[1] == shape[2] > 1:
+        return NHWC
+    if len(shape) == 3 and shape[1] > 1:
+        return TOKENS
+    return None
+
+
+def _describe(shape: Sequence[int], other: Sequence[int] | None, layout: str | None, size: tuple[int, int], other_size: tuple[int, int] | None, token_stride: int | None) -> tuple[int | None, int | None]:
+    """(channels, stride) of a module output in a given layout."""
+    if layout is None:
+        return None, None
+    if layout == TOKENS:
+        return shape[2], token_stride
+    height = shape[2] if layout == NCHW else shape[1]
+    if other is not None and other_size is not None:
+        other_height = other[2] if layout == NCHW else other[1]
+        ratio = (other_size[0] - size[0]) / (other_height - height)
+    else:
+        ratio = size[0] / height
+    return (shape[1] if layout == NCHW else shape[3]), stride_of(ratio)
+
+
+def _forward_shapes(model: "torch.nn.Module", height: int, width: int) -> list[tuple[str, tuple[int, ...] | None, bool]]:
+    """Run a meta forward pass; (module name, output shape or None, has children) per call, in completion order."""
     import torch
 
-    records: list[tuple[str, object, int]] = []
+    calls: list[tuple[str, tuple[int, ...] | None, bool]] = []
     handles = []
     for name, module in model.named_modules():
         if not name:
             continue
 
-        def hook(module, inputs, output, name=name):
-            records.append((name, output, len(list(module.children()))))
+        def record(module, inputs, output, name=name, is_block=any(True for _ in module.children())):
+            calls.append((name, tuple(output.shape) if isinstance(output, torch.Tensor) else None, is_block))
 
-        handles.append(module.register_forward_hook(hook))
+        handles.append(module.register_forward_hook(record))
     try:
         with torch.inference_mode():
             model(torch.empty(1, 3, height, width, device="meta"))
     finally:
         for handle in handles:
             handle.remove()
-    return records
+    return calls
 
 
-def natural_stages(arch: str, height: int, width: int) -> list[FeatureMap]:
-    """The multi-scale stages of a backbone, found from its structure.
-
-    Modules are taken at the coarsest level that does not hide a change of resolution (a unit
-    whose insides span more than two strides is opened up); the stage at each stride is the last
-    such unit at that stride, and the stem is the last plain layer before the first block.
-    """
-    import torch
-
-    model = build_meta_model(arch)
-    records = [
-        (name, output, children)
-        for name, output, children in _module_outputs(model, height, width)
-        if isinstance(output, torch.Tensor) and output.ndim == 4
+def _module_outputs(arch: str, model: "torch.nn.Module", height: int, width: int) -> tuple[list[_Output], tuple[int, int] | None]:
+    """Every module call's output at (height, width), paired with its shape at twice the size if the model runs there."""
+    try:
+        calls = _forward_shapes(model, height, width)
+    except Exception as error:
+        raise input_size_error(arch, model, height, width, error) from None
+    other_size: tuple[int, int] | None = (2 * height, 2 * width)
+    try:
+        other_calls = _forward_shapes(model, *other_size)
+    except Exception:  # A model built for one input size only.
+        other_calls, other_size = [], None
+    same_flow = [name for name, _, _ in calls] == [name for name, _, _ in other_calls]
+    outputs = [
+        _Output(name, shape, other_calls[i][1] if same_flow else None, is_block)
+        for i, (name, shape, is_block) in enumerate(calls)
+        if shape is not None
     ]
-    stride_of = {name: height // output.shape[2] if output.shape[2] else 0 for name, output, _ in records}
-    strides_inside: dict[str, set[int]] = {}
-    for name in stride_of:
-        for ancestor in _ancestors(name):
-            strides_inside.setdefault(ancestor, set()).add(stride_of[name])
-
-    def opened(name: str) -> bool:
-        return len(strides_inside.get(name, set())) > 2
-
-    units: list[tuple[str, object, int]] = []
-    for name, output, children in records:
-        if any(opened(ancestor) is False and ancestor in stride_of for ancestor in _ancestors(name)):
-            continue  # Shown as part of an enclosing unit.
-        if opened(name):
-            continue
-        units.append((name, output, children))
-    units = [u for u in units if u[1].shape[2] * u[1].shape[3] > 1 or height * width == 1]
-
-    stages: list[FeatureMap] = []
-    first_block = next((i for i, unit in enumerate(units) if unit[2] > 0), None)
-    if first_block:
-        stem_name, stem_output, _ = units[first_block - 1]
-        stages.append(_feature("stem", stem_name, stem_output, height))
-    for index, (name, output, _) in enumerate(units):
-        next_stride = stride_of[units[index + 1][0]] if index + 1 < len(units) else None
-        if first_block is not None and index < first_block:
-            continue
-        if next_stride != stride_of[name]:
-            stages.append(_feature(name, name, output, height))
-    return stages
+    return outputs, other_size if same_flow else None
 
 
 def _ancestors(name: str) -> list[str]:
@@ -306,16 +500,299 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _feature(label: str, node: str, output, height: int) -> FeatureMap:
-    shape = list(output.shape)
-    return FeatureMap(label, node, shape, shape[1], height // shape[2])
+def _maps_in_flow(outputs: list[_Output], size: tuple[int, int], other_size: tuple[int, int] | None) -> list[tuple[_Output, FeatureMap]]:
+    """The module outputs that are maps of the input, each described as a FeatureMap named after its module."""
+    maps: list[tuple[_Output, FeatureMap]] = []
+    grids: list[tuple[int, int]] = []  # (positions, stride) of the spatial maps so far
+    for output in outputs:
+        feature = _feature(output.module, output.module, output.shape, output.other, size, other_size, grids)
+        if feature is not None:
+            maps.append((output, feature))
+    return maps
 
 
-def feature_maps(arch: str, *, input_size: Sequence[int] | None = None) -> list[FeatureMap]:
-    """The natural multi-scale feature maps of an architecture at an input size."""
-    arch = resolve_architecture(arch)
-    height, width = parse_input_size(input_size, default_input_size(arch))
+def _feature(name: str, node: str, shape: Sequence[int], other: Sequence[int] | None, size: tuple[int, int], other_size: tuple[int, int] | None, grids: list[tuple[int, int]]) -> FeatureMap | None:
+    """Describe one output as a feature map, or None if it is no map of the input.
+
+    A token sequence takes the stride of the latest grid it continues: one holding the sequence's
+    positions plus fewer extra tokens (class, register) than a row. Spatial maps are added to `grids`.
+    """
+    layout = _map_layout(shape, other)
+    token_stride = None
+    if layout == TOKENS:
+        fitting = [stride for positions, stride in grids if positions <= shape[1] < positions + max(2, math.isqrt(positions))]
+        if not fitting:
+            return None
+        token_stride = fitting[-1]
+    channels, stride = _describe(shape, other, layout, size, other_size, token_stride)
+    if layout is None or not stride:
+        return None
+    if layout != TOKENS:
+        spatial = shape[2:] if layout == NCHW else shape[1:3]
+        grids.append((spatial[0] * spatial[1], stride))
+    return FeatureMap(name, node, list(shape), layout, channels, stride)
+
+
+def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int) -> list[FeatureMap]:
+    """The multi-scale stages of a backbone, found from its own structure.
+
+    Every module output that is a map of the input (see `_map_layout`) gets a stride. A module is
+    a unit when everything inside it spans at most one reduction and ends at its own output's
+    stride (ResNet's `layer2`, EfficientNet's `features.2`, Swin's patch merging); units are taken
+    at the coarsest level, in order. The stage of each stride is the last unit at that stride,
+    preferring blocks (modules with children) over single layers, and the stem is the last single
+    layer before the first block (ResNet's `maxpool`, ViT's `conv_proj`). Stage nodes are module
+    names, which `create_feature_extractor` takes as return nodes.
+    """
+    outputs, other_size = _module_outputs(arch, model, height, width)
+    maps = _maps_in_flow(outputs, (height, width), other_size)
+
+    strides_within: dict[str, set[int]] = {}
+    own_stride: dict[str, int] = {}
+    for output, feature in maps:
+        own_stride[output.module] = feature.stride  # the last call's output is the module's output
+        for name in [output.module, *_ancestors(output.module)]:
+            strides_within.setdefault(name, set()).add(feature.stride)
+
+    @lru_cache(maxsize=None)
+    def is_unit(name: str) -> bool:
+        spanned = strides_within.get(name, set())
+        return name in own_stride and len(spanned) <= 2 and max(spanned) == own_stride[name]
+
+    units: dict[str, tuple[_Output, FeatureMap]] = {}
+    for output, feature in maps:
+        if is_unit(output.module) and not any(is_unit(a) for a in _ancestors(output.module)):
+            units.pop(output.module, None)  # a module called again: its last call counts
+            units[output.module] = (output, feature)
+
+    ordered = list(units.values())
+    stages: list[FeatureMap] = []
+    first_block = next((i for i, (output, _) in enumerate(ordered) if output.is_block), None)
+    if first_block:
+        stem = ordered[first_block - 1][1]
+        stages.append(FeatureMap("stem", stem.node, stem.shape, stem.layout, stem.channels, stem.stride))
+    by_stride: dict[int, FeatureMap] = {}
+    has_block: set[int] = set()
+    for output, feature in ordered[first_block or 0 :]:
+        if output.is_block or feature.stride not in has_block:
+            by_stride[feature.stride] = feature
+        if output.is_block:
+            has_block.add(feature.stride)
+    for feature in sorted(by_stride.values(), key=lambda f: list(units).index(f.node)):
+        if not stages or feature.stride >= stages[-1].stride:
+            stages.append(feature)
+    return stages
+
+
+def graph_nodes(model: "torch.nn.Module") -> list[str]:
+    """The names of a model's graph nodes in eval mode (torch.fx), as `create_feature_extractor` takes them."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.fx's notes on modules it traces through
+        return get_graph_node_names(model)[1]
+
+
+def _node_extractor(arch: str, model: "torch.nn.Module", nodes: Mapping[str, str]):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
     try:
-        return natural_stages(arch, height, width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return create_feature_extractor(model, return_nodes=dict(nodes))
+    except ValueError:
+        available = graph_nodes(model)
+        unknown = [node for node in nodes if not any(n == node or n.startswith(node + ".") for n in available)]
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], available, n=3, cutoff=0.6) if unknown else []
+        suggestion = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(
+            f"{arch} has no graph node {', '.join(unknown) or ', '.join(nodes)}{suggestion} "
+            f"(`resnet features {arch} --list-nodes` lists them)"
+        ) from None
+
+
+def _node_shapes(extractor, height: int, width: int) -> dict[str, tuple[int, ...] | None]:
+    import torch
+
+    with torch.inference_mode():
+        outputs = extractor(torch.empty(1, 3, height, width, device="meta"))
+    return {name: tuple(t.shape) if isinstance(t, torch.Tensor) else None for name, t in outputs.items()}
+
+
+def node_maps(arch: str, model: "torch.nn.Module", nodes: Sequence[str], height: int, width: int) -> list[FeatureMap]:
+    """Shapes, layouts, channels and strides of any graph nodes (or module names) of a model."""
+    extractor = _node_extractor(arch, model, {node: node for node in nodes})
+    try:
+        shapes = _node_shapes(extractor, height, width)
     except Exception as error:
-        raise _input_too_small(arch, height, width, error) from None
+        raise input_size_error(arch, model, height, width, error) from None
+    other_size: tuple[int, int] | None = (2 * height, 2 * width)
+    try:
+        other_shapes = _node_shapes(extractor, *other_size)
+    except Exception:  # A model built for one input size only.
+        other_shapes, other_size = {}, None
+    grids: list[tuple[int, int]] = []
+    if any(shape is not None and len(shape) == 3 for shape in shapes.values()):
+        # Token sequences take their stride from the grids of the model's spatial maps.
+        outputs, flow_other_size = _module_outputs(arch, model, height, width)
+        grids = [
+            (feature.shape[2] * feature.shape[3] if feature.layout == NCHW else feature.shape[1] * feature.shape[2], feature.stride)
+            for _, feature in _maps_in_flow(outputs, (height, width), flow_other_size)
+            if feature.layout != TOKENS
+        ]
+    maps = []
+    for node in dict.fromkeys(nodes):
+        shape = shapes[node]
+        if shape is None:
+            raise UsageError(f"{arch}: graph node {node} does not output a tensor")
+        feature = _feature(node, node, shape, other_shapes.get(node), (height, width), other_size, list(grids))
+        maps.append(feature or FeatureMap(node, node, list(shape), None, None, None))
+    return maps
+
+
+@dataclass
+class FeatureReport:
+    """What `resnet features` reports: the maps of one architecture at one input size."""
+
+    arch: str
+    weights: str
+    input_size: list[int]
+    maps: list[FeatureMap]
+
+
+def feature_maps(
+    arch: str,
+    *,
+    weights: str | None = None,
+    input_size: Sequence[int] | None = None,
+    nodes: Sequence[str] | None = None,
+) -> FeatureReport:
+    """The natural multi-scale feature maps of an architecture (or the given graph nodes), on the meta device."""
+    choice, model, _ = inspection_model(arch, weights)
+    height, width = parse_input_size(input_size, default_input_size(choice.arch, model, choice))
+    maps = node_maps(choice.arch, model, nodes, height, width) if nodes else natural_stages(choice.arch, model, height, width)
+    return FeatureReport(choice.arch, choice.name, [1, 3, height, width], maps)
+
+
+def list_graph_nodes(arch: str, weights: str | None = None) -> list[str]:
+    """The graph nodes of an architecture a user can pick with `--nodes`."""
+    _, model, _ = inspection_model(arch, weights)
+    return graph_nodes(model)
+
+
+def extract_features(
+    arch: str,
+    image_path: str,
+    *,
+    weights: str | None = None,
+    nodes: Sequence[str] | None = None,
+    settings=None,
+    on_progress=None,
+) -> tuple[FeatureReport, dict[str, "torch.Tensor"], list[str]]:
+    """Run a real image through the model with its weights and return the feature tensors.
+
+    The weights come through `registry.load_model` (cache, download, mirror, offline, checkpoint);
+    the image through the weights' own preprocessing, which sets the input size. Maps are the
+    natural stages (or `nodes`), keyed by name. Also returns the model's notes (warnings).
+    """
+    import torch
+
+    from resnetcli.images import load_image
+    from resnetcli.registry import load_model
+
+    image = load_image(image_path)  # a bad image fails before any download
+    loaded = load_model(arch, weights, settings=settings, on_progress=on_progress)
+    batch = loaded.transforms(image).unsqueeze(0)
+    height, width = batch.shape[-2:]
+    plan = meta_model(loaded.arch, loaded.weights, num_classes=None if loaded.weights.pretrained else len(loaded.categories))
+    maps = node_maps(loaded.arch, plan, nodes, height, width) if nodes else natural_stages(loaded.arch, plan, height, width)
+    extractor = _node_extractor(loaded.arch, loaded.model, {feature.node: feature.name for feature in maps})
+    with torch.inference_mode():
+        tensors = extractor(batch)
+    maps = [
+        FeatureMap(f.name, f.node, list(tensors[f.name].shape), f.layout, f.channels, f.stride) for f in maps
+    ]
+    return FeatureReport(loaded.arch, loaded.weights.name, list(batch.shape), maps), dict(tensors), loaded.notes
+
+
+def save_features(tensors: Mapping[str, "torch.Tensor"], path) -> None:
+    """Save feature tensors by name: `.npz` through numpy, `.pt` as a dict of tensors through torch.save."""
+    from pathlib import Path
+
+    import torch
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".pt"):
+        raise UsageError(f"--save {path}: the file name must end in .npz or .pt")
+    try:
+        if suffix == ".npz":
+            import numpy
+
+            numpy.savez(path, **{name: tensor.detach().cpu().numpy() for name, tensor in tensors.items()})
+        else:
+            torch.save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, path)
+    except OSError as error:
+        raise UsageError(f"--save {path}: cannot write: {error.strerror or error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalogue of architectures and weights
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """One pretrained weights set of an architecture, from torchvision's `weights.meta`."""
+
+    arch: str
+    weights: str
+    default: bool
+    acc1: float | None
+    acc5: float | None
+    params: int | None
+    gflops: float | None
+    file_mb: float | None
+    file: str
+    cached: bool
+
+
+def weights_catalogue(pattern: str | None = None) -> list[WeightsInfo]:
+    """Every architecture whose name matches the shell-style `pattern` (case-insensitive), with its weights.
+
+    Accuracies are those torchvision publishes (`meta["_metrics"]`, first dataset: ImageNet-1K);
+    `cached` says whether the weights file is in resnetcli's (torch.hub's) checkpoint folder.
+    """
+    import fnmatch
+
+    from resnetcli.cache import checkpoint_dir
+    from resnetcli.registry import architecture_names, weights_file_name
+
+    wanted = (pattern or "*").strip().lower()
+    archs = [arch for arch in architecture_names() if fnmatch.fnmatchcase(arch, wanted)]
+    if not archs:
+        raise UsageError(f"no architecture matches {pattern!r} (`resnet list` shows them all)")
+    folder = checkpoint_dir()
+    rows: list[WeightsInfo] = []
+    for arch in archs:
+        enum = weights_enum(arch)
+        for member in enum:
+            meta = member.meta
+            metrics = next(iter(meta.get("_metrics", {}).values()), {})
+            file = weights_file_name(member)
+            rows.append(
+                WeightsInfo(
+                    arch=arch,
+                    weights=member.name,
+                    default=member is enum.DEFAULT,
+                    acc1=metrics.get("acc@1"),
+                    acc5=metrics.get("acc@5"),
+                    params=meta.get("num_params"),
+                    gflops=meta.get("_ops"),
+                    file_mb=meta.get("_file_size"),
+                    file=file,
+                    cached=(folder / file).is_file(),
+                )
+            )
+    return rows

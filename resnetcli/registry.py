@@ -257,18 +257,20 @@ def _mismatch_summary(error: RuntimeError) -> str:
     return "; ".join(lines) if lines else _one_line(error)
 
 
-def checkpoint_class_count(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int:
+def checkpoint_class_count(arch: str, state_dict: Mapping[str, torch.Tensor], reference: torch.nn.Module | None = None) -> int:
     """The number of classes a checkpoint's classifier head was trained for.
 
     Reads it from the tensors whose shape in the architecture starts with the default class count
     (fc.weight, classifier.1.weight, head.weight, ...) and differs only there in the checkpoint.
+    `reference` is the architecture with the default head, when the caller has built it already.
     """
     import torch
     from torchvision import models
 
     default_count = len(weights_enum(arch).DEFAULT.meta["categories"])
-    with torch.device("meta"):
-        reference = models.get_model_builder(arch)(weights=None, num_classes=default_count)
+    if reference is None:
+        with torch.device("meta"):
+            reference = models.get_model_builder(arch)(weights=None, num_classes=default_count)
     expected = reference.state_dict()
     counts = {
         tuple(tensor.shape)[0]

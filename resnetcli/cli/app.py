@@ -40,8 +40,40 @@ def report_error(error: BaseException) -> None:
     say(f"error: {text}")
 
 
+def _complete_architecture(ctx, param, incomplete: str) -> list[str]:
+    from resnetcli.names import complete_architecture
+
+    return complete_architecture(incomplete)
+
+
+def _complete_weights(ctx, param, incomplete: str) -> list[str]:
+    from resnetcli.names import complete_weights
+
+    # An option still waiting for its value stops click's parsing: later words stay in ctx.args.
+    return complete_weights([ctx.params.get("arch"), *ctx.args], incomplete)
+
+
+def _complete_model_specs(ctx, param, incomplete: str) -> list[str]:
+    from resnetcli.names import complete_model_spec
+
+    return complete_model_spec(incomplete)
+
+
+#: Shell completion of registry names, by parameter name, for every command that has one
+#: (`--arch`, an ARCH argument, `--weights`, fetch's ARCH[:WEIGHTS]...). The names come from
+#: resnetcli.names, which answers without importing torch.
+NAME_COMPLETIONS = {"arch": _complete_architecture, "weights": _complete_weights, "models": _complete_model_specs}
+
+
 class ResnetGroup(TyperGroup):
     """Maps domain errors, Ctrl-C and a closed stdout to a message and an exit code, for every command."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            for param in command.params:
+                if param.name in NAME_COMPLETIONS and param._custom_shell_complete is None:
+                    param._custom_shell_complete = NAME_COMPLETIONS[param.name]
 
     def invoke(self, ctx: typer.Context):
         try:
