@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from resnetcli.errors import CheckpointError, UsageError
-from resnetcli.registry import WeightsChoice, resolve_architecture, resolve_weights, weights_enum
+from resnetcli.registry import WeightsChoice, meta_model, resolve_architecture, resolve_weights, weights_enum
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -74,87 +73,6 @@ class Summary:
             "params_size_mb": round(self.params_size_mb, 2),
             "estimated_total_size_mb": round(self.input_size_mb + self.forward_size_mb + self.params_size_mb, 2),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Building models on the meta device
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Move every parameter and buffer to the meta device as a module registers it.
-
-    For builders that compute their widths with torch (RegNet's `BlockParams`), under which a
-    plain `torch.device("meta")` fails: their arithmetic stays on the CPU, the model's tensors
-    still end up on meta (each is allocated uninitialised for a moment, one at a time).
-    """
-    import torch
-
-    module_class = torch.nn.Module
-    register_parameter, register_buffer = module_class.register_parameter, module_class.register_buffer
-
-    def parameter_on_meta(self, name, param):
-        if param is not None and not param.is_meta:
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(self, name, param)
-
-    def buffer_on_meta(self, name, tensor, persistent=True):
-        register_buffer(self, name, tensor.to("meta") if tensor is not None else None, persistent)
-
-    module_class.register_parameter, module_class.register_buffer = parameter_on_meta, buffer_on_meta
-    try:
-        yield
-    finally:
-        module_class.register_parameter, module_class.register_buffer = register_parameter, register_buffer
-
-
-@contextmanager
-def _without_loading(weights) -> Iterator[None]:
-    """Let a builder configure a model for `weights` (image size, class count, input transform)
-    without reading the weights file: `get_state_dict` serves nothing and loading is skipped."""
-    import torch
-
-    module_class = torch.nn.Module
-    load_state_dict = module_class.load_state_dict
-    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: {}
-    module_class.load_state_dict = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        module_class.load_state_dict = load_state_dict
-        weights.__dict__.pop("get_state_dict", None)
-
-
-def meta_model(arch: str, choice: "WeightsChoice | None" = None, num_classes: int | None = None) -> "torch.nn.Module":
-    """Build an architecture on the meta device, in eval mode, without weights or random init.
-
-    The model is configured as the pretrained weights of `choice` configure it (image size, class
-    count, input transform; by default the architecture's DEFAULT weights, e.g. `vit_h_14` for
-    518-pixel inputs), so its shapes and parameter count are those of the published model. Any
-    other choice (a checkpoint, `none`) gives the plain architecture with `num_classes` outputs.
-    """
-    import torch
-    from torchvision import models
-
-    arch = resolve_architecture(arch)
-    builder = models.get_model_builder(arch)
-    pretrained = weights_enum(arch).DEFAULT if choice is None else choice.pretrained
-
-    def build() -> "torch.nn.Module":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision's notes about future init changes
-            if pretrained is None:
-                return builder(weights=None, **({"num_classes": num_classes} if num_classes else {}))
-            with _without_loading(pretrained):
-                return builder(weights=pretrained)
-
-    try:
-        with torch.device("meta"):
-            model = build()
-    except NotImplementedError:  # The builder needs real numbers ("Cannot copy out of meta tensor").
-        with _parameters_on_meta():
-            model = build()
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,27 +195,107 @@ class LoadedModel:
 
 
 @contextmanager
-def _quiet_meta_copies() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-        yield
-
-
-@contextmanager
-def _serving_state_dict(weights: WeightsEnum, state_dict: Mapping[str, Any]) -> Iterator[None]:
-    """Make `weights.get_state_dict()` return `state_dict` instead of going through torch.hub.
+def _configured_by(weights: WeightsEnum, state_dict: Mapping[str, Any] | None) -> Iterator[None]:
+    """Let torchvision's builder configure a model for `weights` without going through torch.hub.
 
     torchvision's builders set constructor arguments from the weights (num_classes, image_size,
     transform_input, aux_logits, ...) and then load the file through torch.hub, which unpickles
     with weights_only=False and trusts a cached file blindly. Calling the builder with the real
-    weights member keeps its construction logic exact for every architecture, while the state dict
-    comes from resnetcli's verified cache and safe loader.
+    weights member keeps its construction logic exact for every architecture, current and future,
+    while the tensors come from resnetcli's verified cache and safe loader (`state_dict`), or not at
+    all (`None`: the builder's loading step is skipped, for shape-only models).
     """
-    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: state_dict
+    import torch
+
+    module_class = torch.nn.Module
+    load_state_dict = module_class.load_state_dict
+    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: state_dict if state_dict is not None else {}
+    if state_dict is None:
+        module_class.load_state_dict = lambda self, *args, **kwargs: None
+    try:
+        with warnings.catch_warnings():
+            # The builder's own load copies into meta tensors, a no-op torch warns about.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            yield
+    finally:
+        module_class.load_state_dict = load_state_dict
+        weights.__dict__.pop("get_state_dict", None)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to the meta device as a module registers it.
+
+    For builders that compute their widths with torch (RegNet's `BlockParams`), under which a
+    plain `torch.device("meta")` fails: their arithmetic stays on the CPU, the model's tensors
+    still end up on meta (each is allocated uninitialised for a moment, one at a time).
+    """
+    import torch
+
+    module_class = torch.nn.Module
+    register_parameter, register_buffer = module_class.register_parameter, module_class.register_buffer
+
+    def parameter_on_meta(self, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer_on_meta(self, name, tensor, persistent=True):
+        register_buffer(self, name, tensor.to("meta") if tensor is not None else None, persistent)
+
+    module_class.register_parameter, module_class.register_buffer = parameter_on_meta, buffer_on_meta
     try:
         yield
     finally:
-        weights.__dict__.pop("get_state_dict", None)
+        module_class.register_parameter, module_class.register_buffer = register_parameter, register_buffer
+
+
+def _construct(
+    arch: str,
+    pretrained: WeightsEnum | None,
+    *,
+    state_dict: Mapping[str, Any] | None = None,
+    on_meta: bool = True,
+    num_classes: int | None = None,
+) -> torch.nn.Module:
+    """Run the architecture's builder, configured by `pretrained` (or plain with `num_classes`).
+
+    On the meta device nothing is allocated or randomly initialised.
+    """
+    import torch
+    from torchvision import models
+
+    builder = models.get_model_builder(arch)
+
+    def build() -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torchvision's notes about future init changes
+            if pretrained is None:
+                return builder(weights=None, **({"num_classes": num_classes} if num_classes else {}))
+            with _configured_by(pretrained, state_dict):
+                return builder(weights=pretrained)
+
+    if not on_meta:
+        return build()
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:  # The builder needs real numbers ("Cannot copy out of meta tensor").
+        with _parameters_on_meta():
+            return build()
+
+
+def meta_model(arch: str, choice: WeightsChoice | None = None, num_classes: int | None = None) -> torch.nn.Module:
+    """Build an architecture on the meta device, in eval mode, without weights or random init.
+
+    The model is configured as the pretrained weights of `choice` configure it (image size, class
+    count, input transform; by default the architecture's DEFAULT weights, e.g. `vit_h_14` for
+    518-pixel inputs), so its shapes and parameter count are those of the published model. Any
+    other choice (a checkpoint, `none`) gives the plain architecture with `num_classes` outputs.
+    """
+    arch = resolve_architecture(arch)
+    pretrained = weights_enum(arch).DEFAULT if choice is None else choice.pretrained
+    return _construct(arch, pretrained, num_classes=num_classes).eval()
 
 
 def _has_meta_tensors(model: torch.nn.Module) -> bool:
@@ -223,28 +303,21 @@ def _has_meta_tensors(model: torch.nn.Module) -> bool:
 
 
 def _build_with_state_dict(
-    builder: Callable[..., torch.nn.Module],
+    arch: str,
+    pretrained: WeightsEnum | None,
     state_dict: Mapping[str, torch.Tensor],
     source: str,
-    **builder_kwargs: Any,
+    num_classes: int | None = None,
 ) -> torch.nn.Module:
     """Build on the meta device (no random init) and assign the loaded tensors.
 
     Falls back to a normal CPU build when the architecture keeps state outside its state dict
     (non-persistent buffers), which the meta device cannot produce.
     """
-    import torch
-
-    pretrained = builder_kwargs.get("weights")
-    for device in ("meta", "cpu"):
-        with torch.device(device), _quiet_meta_copies():
-            if pretrained is not None:
-                with _serving_state_dict(pretrained, state_dict):
-                    model = builder(**builder_kwargs)
-            else:
-                model = builder(**builder_kwargs)
+    for on_meta in (True, False):
+        model = _construct(arch, pretrained, state_dict=state_dict, on_meta=on_meta, num_classes=num_classes)
         try:
-            model.load_state_dict(state_dict, strict=True, assign=device == "meta")
+            model.load_state_dict(state_dict, strict=True, assign=on_meta)
         except RuntimeError as error:
             raise CheckpointError(f"{source}: does not fit the architecture: {_mismatch_summary(error)}") from None
         if not _has_meta_tensors(model):
@@ -264,13 +337,9 @@ def checkpoint_class_count(arch: str, state_dict: Mapping[str, torch.Tensor], re
     (fc.weight, classifier.1.weight, head.weight, ...) and differs only there in the checkpoint.
     `reference` is the architecture with the default head, when the caller has built it already.
     """
-    import torch
-    from torchvision import models
-
     default_count = len(weights_enum(arch).DEFAULT.meta["categories"])
     if reference is None:
-        with torch.device("meta"):
-            reference = models.get_model_builder(arch)(weights=None, num_classes=default_count)
+        reference = meta_model(arch, WeightsChoice(arch, "none"), num_classes=default_count)
     expected = reference.state_dict()
     counts = {
         tuple(tensor.shape)[0]
@@ -297,10 +366,7 @@ def build_model(
     gets them from the cache or from `load_state_dict`); "none" gives a random initialisation.
     `labels` names the classes of a checkpoint whose head differs from the weights' categories.
     """
-    from torchvision import models
-
     arch = choice.arch
-    builder = models.get_model_builder(arch)
     reference = choice.reference
     categories = list(reference.meta.get("categories") or [])
     transforms = reference.transforms()
@@ -310,15 +376,15 @@ def build_model(
     if choice.kind == "pretrained":
         if state_dict is None:
             raise ValueError("pretrained weights need their state dict")
-        model = _build_with_state_dict(builder, state_dict, source, weights=choice.pretrained)
+        model = _build_with_state_dict(arch, choice.pretrained, state_dict, source)
     elif choice.kind == "none":
-        model = builder(weights=None, num_classes=len(labels) if labels else len(categories)).eval()
+        model = _construct(arch, None, on_meta=False, num_classes=len(labels) if labels else len(categories)).eval()
         notes.append(f"{arch} has random weights (--weights none): its labels are meaningless")
     else:
         if state_dict is None:
             raise ValueError("checkpoints need their state dict")
         class_count = checkpoint_class_count(arch, state_dict)
-        model = _build_with_state_dict(builder, state_dict, source, weights=None, num_classes=class_count)
+        model = _build_with_state_dict(arch, None, state_dict, source, num_classes=class_count)
         if class_count != len(categories):
             # A fine-tuned head: without --labels the classes can only be numbered.
             categories = [f"class_{i}" for i in range(class_count)]
@@ -347,19 +413,6 @@ def _output_count(model: torch.nn.Module, fallback: int) -> int:
     if isinstance(last_linear, torch.nn.Conv2d):
         return last_linear.out_channels
     return fallback
-
-
-def build_meta_model(arch: str, num_classes: int | None = None) -> torch.nn.Module:
-    """Build an architecture's structure on the meta device: shapes without memory or random init."""
-    import torch
-    from torchvision import models
-
-    builder = models.get_model_builder(resolve_architecture(arch))
-    kwargs: dict[str, Any] = {"weights": None}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    with torch.device("meta"):
-        return builder(**kwargs).eval()
 
 
 # ---------------------------------------------------------------------------------------------
