@@ -22,9 +22,10 @@ STEERED_CLASSES = {"astronaut.jpg": 0, "cat.jpg": 281, "coffee.jpg": 967, "rocke
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
-    """Every test gets its own TORCH_HOME and no resnetcli environment settings."""
+    """Every test gets its own TORCH_HOME and XDG cache (completion names), and no resnetcli settings."""
     home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
     for name in ("RESNET_OFFLINE", "RESNET_MIRROR", "RESNET_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     return home
