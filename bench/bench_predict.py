@@ -35,6 +35,7 @@ SAMPLES = sorted((REPO / "sample_images").glob("*.jpg"))
 #: largest of these are 3.5-10 megapixels, like a phone's.
 SCALES = (1, 1.5, 2.5, 4, 6)
 PYTHON = sys.executable
+GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
 #: The installed console script, as users run it (`python -m resnetcli` when it is not installed).
 RESNET = [str(Path(PYTHON).with_name("resnet"))] if Path(PYTHON).with_name("resnet").exists() else [PYTHON, "-m", "resnetcli"]
 
@@ -103,33 +104,37 @@ class Row:
         return self.images / self.wall_s if self.images else None
 
 
-def run_process(argv: list[str], env: dict) -> tuple[float, float]:
-    """Wall time (s) and peak RSS (MB) of a process, which must succeed; its stdout is discarded."""
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4 gives this child's own resource usage (ru_maxrss in KiB on Linux).
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:6])}... exited {process.returncode}:\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+def run_process(argv: list[str], env: dict) -> tuple[float, float | None]:
+    """Wall time (s) and peak RSS (MB) of a process, which must succeed; its stdout is discarded.
+
+    The peak RSS comes from GNU time (/usr/bin/time), which forks the command from a small
+    process: the rusage of a child forked from this one would count this process's own memory,
+    torch included. Without GNU time there is no RSS figure.
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        prefix = [GNU_TIME, "-f", "%M", "-o", rss_file.name] if GNU_TIME else []
+        start = time.perf_counter()
+        done = subprocess.run(prefix + argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:6])}... exited {done.returncode}:\n{done.stderr.decode(errors='replace')[-2000:]}")
+        kib = rss_file.read().strip().splitlines()[-1] if GNU_TIME else ""
+    return wall, (int(kib) / 1024 if kib else None)
 
 
 def compare_processes(group: str, commands: dict[str, list[str]], repeats: int, env: dict, images: int | None = None) -> list[Row]:
     """Run the commands alternately (order reversed every other round) and keep medians."""
     walls: dict[str, list[float]] = {name: [] for name in commands}
-    rss: dict[str, list[float]] = {name: [] for name in commands}
+    rss: dict[str, list[float | None]] = {name: [] for name in commands}
     names = list(commands)
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
             wall, peak = run_process(commands[name], env)
             walls[name].append(wall)
             rss[name].append(peak)
-            print(f"  {group}: {name}: {wall:.2f} s, {peak:.0f} MB", file=sys.stderr, flush=True)
+            print(f"  {group}: {name}: {wall:.2f} s, {peak or 0:.0f} MB", file=sys.stderr, flush=True)
     return [
-        Row(group, name, statistics.median(walls[name]), images, statistics.median(rss[name]), walls[name])
+        Row(group, name, statistics.median(walls[name]), images, statistics.median(rss[name]) if None not in rss[name] else None, walls[name])
         for name in names
     ]
 
@@ -173,9 +178,9 @@ def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, 
     variants["channels_last"] = _under(torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=plain))
     folded = fastpath.InferencePlan("cpu", channels_last=True, torchscript_onednn=False, fold_batchnorm=True)
     variants["channels_last + fold BN (torch.fx)"] = _under(torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=folded))
-    variants["jit.freeze + optimize_for_inference"] = _under(torch.no_grad, _jit_optimize_for_inference(copy.deepcopy(base), crop))
-    fast = fastpath.optimize_for_inference(copy.deepcopy(base), example_shape=(batch_size, 3, crop, crop))
-    variants[f"fast path ({' + '.join(fast.levers)})"] = _under(torch.inference_mode, fast)
+    variants["jit.freeze + optimize_for_inference"] = _without_onednn_fusion(_under(torch.no_grad, _jit_optimize_for_inference(copy.deepcopy(base), crop)))
+    fast = fastpath.optimize_for_inference(copy.deepcopy(base), example_shape=(batch_size, 3, crop, crop), images=images)
+    variants["fast path (channels_last + torchscript_onednn)"] = _under(torch.inference_mode, fast)
     compile_note = ""
     if with_compile:
         import torch._inductor.config as inductor_config
@@ -199,9 +204,9 @@ def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, 
         return lambda: [run(batch) for batch in batches]
 
     runs = {name: (fn if name.startswith("ONNX") else over_batches(fn)) for name, fn in variants.items()}
-    for name, run in runs.items():  # warm-up: oneDNN Graph profiles twice before it fuses
+    for name, run in runs.items():  # warm-up: the graph is checked, then profiled, then fused
         print(f"  warm-up: {name}", file=sys.stderr, flush=True)
-        run() if name.startswith("ONNX") else [variants[name](batches[0]) for _ in range(2)]
+        run() if name.startswith("ONNX") else [variants[name](batches[0]) for _ in range(3)]
     rows = compare_in_process(f"raw inference {arch}, batch {batch_size}, {threads} threads", runs, repeats, images)
     for row in rows:
         if row.name.startswith("torch.compile"):
@@ -215,6 +220,20 @@ def _under(context, model):
             return model(batch)
 
     return run
+
+
+def _without_onednn_fusion(run):
+    """The fast path turns oneDNN Graph fusion on for the process; optimize_for_inference's graph breaks under it."""
+    import torch
+
+    def without(batch):
+        torch.jit.enable_onednn_fusion(False)
+        try:
+            return run(batch)
+        finally:
+            torch.jit.enable_onednn_fusion(True)
+
+    return without
 
 
 def _jit_optimize_for_inference(model, crop: int):
@@ -352,15 +371,15 @@ def main() -> None:
             )
         for arch in ("resnet18", "resnet50"):
             weights = str(checkpoints[arch])
-            rows += compare_processes(
-                f"{len(photos)} photos, {arch}",
-                {
-                    "resnet predict": RESNET + ["predict", *photos, "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size)],
-                    "fast path preview": [PYTHON, str(BENCH / "fastpath_preview.py"), "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size), *threads_option, *photos],
-                    "naive script": [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", weights, *photos],
-                },
-                repeats, env, images=len(photos),
-            )
+            preview = [PYTHON, str(BENCH / "fastpath_preview.py"), "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size), *threads_option]
+            commands = {
+                "resnet predict": RESNET + ["predict", *photos, "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size)],
+                "fast path preview": preview + photos,
+                "naive script": [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", weights, *photos],
+            }
+            if arch == "resnet50":
+                commands["fast path preview + draft decoding"] = preview + ["--draft"] + photos
+            rows += compare_processes(f"{len(photos)} photos, {arch}", commands, repeats, env, images=len(photos))
         onnx_path = export_onnx(checkpoints["resnet50"], "resnet50", work)
         lever_images = max(args.batch_size * 2, min(len(photos), 128))
         rows += inference_levers(checkpoints["resnet50"], "resnet50", lever_images, args.batch_size, threads, repeats, not (args.quick or args.skip_compile), onnx_path)

@@ -44,9 +44,10 @@ def fast_probabilities(checkpoint: Path, arch: str, images: list[Path], plan=Non
 
     loaded = load_model(arch, str(checkpoint))
     crop = min(loaded.transforms.crop_size)
-    model = fastpath.optimize_for_inference(loaded.model, example_shape=(len(images), 3, crop, crop), plan=plan)
+    model = fastpath.optimize_for_inference(loaded.model, example_shape=(len(images), 3, crop, crop), plan=plan or fastpath.plan_for("cpu"))
     batch = torch.stack([loaded.transforms(load_image(path)) for path in images])
     with torch.inference_mode():
+        model(batch)  # the first batch checks the traced graph against the eager model, and adopts it
         probabilities = torch.softmax(model(batch), dim=1)
     return probabilities, model
 
@@ -140,11 +141,22 @@ def test_model_whose_trace_depends_on_batch_size_stays_eager():
     batch = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = eager(batch)
-    fast = fastpath.optimize_for_inference(eager, example_shape=(3, 3, 16, 16))
+    fast = fastpath.optimize_for_inference(eager, example_shape=(3, 3, 16, 16), plan=fastpath.plan_for("cpu"))
 
-    assert "torchscript_onednn" not in fast.levers
     with torch.inference_mode():
-        assert torch.allclose(fast(batch), expected, atol=1e-5)
+        for _ in range(3):
+            assert torch.allclose(fast(batch), expected, atol=1e-5)
+    assert "torchscript_onednn" not in fast.levers
+
+
+def test_graph_only_for_enough_images_and_never_on_cuda():
+    from resnetcli import fastpath
+
+    assert not fastpath.plan_for("cpu", images=1).torchscript_onednn
+    assert not fastpath.plan_for("cpu", images=fastpath.GRAPH_MIN_IMAGES - 1).torchscript_onednn
+    assert fastpath.plan_for("cpu", images=fastpath.GRAPH_MIN_IMAGES).torchscript_onednn
+    assert fastpath.plan_for("cpu").torchscript_onednn
+    assert not fastpath.plan_for("cuda:0").torchscript_onednn
 
 
 def test_draft_decoding_only_shrinks_large_jpegs_and_keeps_the_short_side(sample_images, large_photos, tmp_path):
