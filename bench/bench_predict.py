@@ -104,6 +104,10 @@ class Row:
         return self.images / self.wall_s if self.images else None
 
 
+class CommandFailed(Exception):
+    """A benchmarked command did not succeed; its row reports the error instead of figures."""
+
+
 def run_process(argv: list[str], env: dict) -> tuple[float, float | None]:
     """Wall time (s) and peak RSS (MB) of a process, which must succeed; its stdout is discarded.
 
@@ -117,7 +121,8 @@ def run_process(argv: list[str], env: dict) -> tuple[float, float | None]:
         done = subprocess.run(prefix + argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall = time.perf_counter() - start
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:6])}... exited {done.returncode}:\n{done.stderr.decode(errors='replace')[-2000:]}")
+            lines = done.stderr.decode(errors="replace").strip().splitlines() or ["(no message)"]
+            raise CommandFailed(f"exited {done.returncode}: {lines[-1]}")
         kib = rss_file.read().strip().splitlines()[-1] if GNU_TIME else ""
     return wall, (int(kib) / 1024 if kib else None)
 
@@ -127,14 +132,24 @@ def compare_processes(group: str, commands: dict[str, list[str]], repeats: int, 
     walls: dict[str, list[float]] = {name: [] for name in commands}
     rss: dict[str, list[float | None]] = {name: [] for name in commands}
     names = list(commands)
+    failures: dict[str, str] = {}
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
-            wall, peak = run_process(commands[name], env)
+            if name in failures:
+                continue
+            try:
+                wall, peak = run_process(commands[name], env)
+            except CommandFailed as error:
+                failures[name] = str(error)
+                print(f"  {group}: {name}: {error}", file=sys.stderr, flush=True)
+                continue
             walls[name].append(wall)
             rss[name].append(peak)
             print(f"  {group}: {name}: {wall:.2f} s, {peak or 0:.0f} MB", file=sys.stderr, flush=True)
     return [
-        Row(group, name, statistics.median(walls[name]), images, statistics.median(rss[name]) if None not in rss[name] else None, walls[name])
+        Row(group, name, float("nan"), None, None, [], f"failed: {failures[name]}")
+        if name in failures
+        else Row(group, name, statistics.median(walls[name]), images, statistics.median(rss[name]) if None not in rss[name] else None, walls[name])
         for name in names
     ]
 
@@ -180,7 +195,7 @@ def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, 
     variants["channels_last + fold BN (torch.fx)"] = _under(torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=folded))
     variants["jit.freeze + optimize_for_inference"] = _without_onednn_fusion(_under(torch.no_grad, _jit_optimize_for_inference(copy.deepcopy(base), crop)))
     fast = fastpath.optimize_for_inference(copy.deepcopy(base), example_shape=(batch_size, 3, crop, crop), images=images)
-    variants["fast path (channels_last + torchscript_onednn)"] = _under(torch.inference_mode, fast)
+    variants["fast path (torchscript_onednn)"] = _under(torch.inference_mode, fast)
     compile_note = ""
     if with_compile:
         import torch._inductor.config as inductor_config
@@ -309,28 +324,31 @@ class Target:
 
 
 def ratio(rows: list[Row], group: str, numerator: str, denominator: str, attribute: str = "wall_s") -> float:
+    """numerator / denominator of one attribute within a group; NaN when either failed."""
     by_name = {row.name: row for row in rows if row.group == group}
-    return getattr(by_name[numerator], attribute) / getattr(by_name[denominator], attribute)
+    top, bottom = getattr(by_name[numerator], attribute), getattr(by_name[denominator], attribute)
+    return top / bottom if top and bottom else float("nan")
 
 
 def markdown(rows: list[Row]) -> str:
     lines = ["| workload | run | wall s (median) | images/s | peak RSS MB | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for row in rows:
         rate = f"{row.images_per_s:.1f}" if row.images_per_s else ""
+        wall = f"{row.wall_s:.2f}" if row.wall_s == row.wall_s else "n/a"
         rss = f"{row.peak_rss_mb:.0f}" if row.peak_rss_mb else ""
-        lines.append(f"| {row.group} | {row.name} | {row.wall_s:.2f} | {rate} | {rss} | {row.note} |")
+        lines.append(f"| {row.group} | {row.name} | {wall} | {rate} | {rss} | {row.note} |")
     return "\n".join(lines)
 
 
 def markdown_targets(targets: list[Target]) -> str:
     lines = ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
-    lines += [f"| {t.name} | {t.value:.2f} | {t.goal} | {'yes' if t.met else 'no'} |" for t in targets]
+    lines += [f"| {t.name} | {t.value:.2f} | {t.goal} | {'yes' if t.met else 'no'} |" if t.value == t.value else f"| {t.name} | n/a (a run failed) | {t.goal} | no |" for t in targets]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 photos, 2 repetitions, no torch.compile, no 2,000-photo run")
+    parser.add_argument("--quick", action="store_true", help="32 photos, 2 repetitions, no torch.compile, no 2,000-photo run")
     parser.add_argument("--repeats", type=int, help="repetitions of each measurement (default 3, or 2 with --quick)")
     parser.add_argument("--photos", type=int, help="photos in the mixed-size workload (default 256, or 64 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: the CPUs this process may use)")
@@ -344,7 +362,7 @@ def main() -> None:
     from resnetcli import fastpath
 
     repeats = args.repeats or (2 if args.quick else 3)
-    photo_count = args.photos or (64 if args.quick else 256)
+    photo_count = args.photos or (32 if args.quick else 256)
     threads = args.threads or fastpath.usable_cpu_count()
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="resnet-bench-"))
@@ -381,7 +399,7 @@ def main() -> None:
                 commands["fast path preview + draft decoding"] = preview + ["--draft"] + photos
             rows += compare_processes(f"{len(photos)} photos, {arch}", commands, repeats, env, images=len(photos))
         onnx_path = export_onnx(checkpoints["resnet50"], "resnet50", work)
-        lever_images = max(args.batch_size * 2, min(len(photos), 128))
+        lever_images = max(args.batch_size * 2, min(len(photos), 96))
         rows += inference_levers(checkpoints["resnet50"], "resnet50", lever_images, args.batch_size, threads, repeats, not (args.quick or args.skip_compile), onnx_path)
         rows += loading_levers(checkpoints["resnet50"], "resnet50", repeats + 2)
         rows += decoding_levers([Path(p) for p in photos], repeats)
@@ -402,8 +420,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "usable_cpus": fastpath.usable_cpu_count(), "load_average": os.getloadavg()},
         "versions": versions(),
         "settings": {"repeats": repeats, "photos": photo_count, "threads": threads, "batch_size": args.batch_size, "quick": args.quick},
-        "rows": [{**asdict(row), "images_per_s": row.images_per_s} for row in rows],
-        "targets": [asdict(t) for t in targets],
+        "rows": [{**asdict(row), "wall_s": finite(row.wall_s), "images_per_s": row.images_per_s} for row in rows],
+        "targets": [{**asdict(t), "value": finite(t.value)} for t in targets],
         "duration_s": round(time.perf_counter() - started, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +443,8 @@ def targets_from(rows: list[Row], photo_count: int) -> list[Target]:
     ort = next(row for row in rows if row.name == "ONNX Runtime (CPU)")
     by_name = {row.name: row for row in rows if row.group == group}
     for name in ("resnet predict", "fast path preview"):
-        value = by_name[name].images_per_s / ort.images_per_s
+        rate = by_name[name].images_per_s
+        value = rate / ort.images_per_s if rate else float("nan")
         targets.append(Target(f"{name} end to end / ONNX Runtime raw inference, images/s, resnet50", value, ">= 1", value >= 1))
     for name in ("resnet predict", "fast path preview"):
         value = ratio(rows, "cat.jpg, cold process, resnet50", name, "naive script")
@@ -440,6 +459,11 @@ def targets_from(rows: list[Row], photo_count: int) -> list[Target]:
         value = ratio(rows, "vit_h_14", "resnet summary vit_h_14", "build vit_h_14 (random init)")
         targets.append(Target("resnet summary vit_h_14 / building it, wall time", value, "< 1", value < 1))
     return targets
+
+
+def finite(value: float) -> float | None:
+    """JSON has no NaN: a failed run's figure is null."""
+    return value if value == value else None
 
 
 def versions() -> dict:

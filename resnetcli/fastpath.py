@@ -4,10 +4,10 @@ Every lever here was measured by `bench/bench_predict.py` (the README's Performa
 the figures). The default path keeps the model function: top-5 labels match the plain eager
 pipeline and probabilities agree within 1e-3 (tests/test_fastpath.py).
 
-- `optimize_for_inference(model, device=..., example_shape=..., images=...)`: on a CPU,
-  channels-last memory format and, for enough images, a TorchScript graph frozen with its batch
-  norms folded into the convolutions and run through oneDNN Graph fusion (adopted only once it
-  reproduced the eager model); on CUDA, batch norm folded, half precision and channels-last. The
+- `optimize_for_inference(model, device=..., example_shape=..., images=...)`: on a CPU, for
+  enough images, a TorchScript graph frozen with its batch norms folded into the convolutions and
+  run through oneDNN Graph fusion (adopted only once it reproduced the eager model); fewer images
+  run the eager model as it is. On CUDA: batch norm folded, half precision and channels-last. The
   returned object takes the same float32 NCHW batches as the original and returns float32 logits.
 - `configure_threads(threads)`: one intra-op thread per CPU this process may use, one inter-op
   thread, so that processes confined to a share of the machine do not oversubscribe it.
@@ -71,7 +71,9 @@ def plan_for(device: str = "cpu", *, images: int | None = None) -> InferencePlan
     import torch
 
     if torch.device(device).type == "cpu":
-        return InferencePlan(device=device, torchscript_onednn=images is None or images >= GRAPH_MIN_IMAGES)
+        # Channels-last stays off: the oneDNN graph is as fast without it, and an eager
+        # channels-last model is many times slower on batches of one.
+        return InferencePlan(device=device, channels_last=False, torchscript_onednn=images is None or images >= GRAPH_MIN_IMAGES)
     # On a GPU, half precision is what uses the tensor cores; batch norm is folded in float32
     # before the cast, so the folded weights are rounded once.
     return InferencePlan(device=device, dtype="float16", channels_last=True, torchscript_onednn=False, fold_batchnorm=True)
