@@ -377,11 +377,14 @@ def main() -> None:
 
         rows += compare_processes("startup", {"resnet --help": RESNET + ["--help"], 'python -c "import torch"': [PYTHON, "-c", "import torch"]}, repeats + 2, env)
         threads_option = ["--threads", str(threads)]
+        # `resnet predict` gains --threads with its parallel rewrite; pass it once it has it.
+        predict_help = subprocess.run(RESNET + ["predict", "--help"], env=env, capture_output=True, text=True).stdout
+        predict_threads = threads_option if "--threads" in predict_help else []
         for arch in ("resnet50",):
             rows += compare_processes(
                 f"cat.jpg, cold process, {arch}",
                 {
-                    "resnet predict": RESNET + ["predict", cat, "--arch", arch, "--weights", str(checkpoints[arch])],
+                    "resnet predict": RESNET + ["predict", cat, "--arch", arch, "--weights", str(checkpoints[arch]), *predict_threads],
                     "fast path preview": [PYTHON, str(BENCH / "fastpath_preview.py"), "--arch", arch, "--weights", str(checkpoints[arch]), *threads_option, cat],
                     "naive script": [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", str(checkpoints[arch]), cat],
                 },
@@ -391,7 +394,7 @@ def main() -> None:
             weights = str(checkpoints[arch])
             preview = [PYTHON, str(BENCH / "fastpath_preview.py"), "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size), *threads_option]
             commands = {
-                "resnet predict": RESNET + ["predict", *photos, "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size)],
+                "resnet predict": RESNET + ["predict", *photos, "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size), *predict_threads],
                 "fast path preview": preview + photos,
                 "naive script": [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", weights, *photos],
             }
