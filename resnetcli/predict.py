@@ -14,7 +14,7 @@ import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
 
 from resnetcli.errors import InputError, UsageError
 from resnetcli.images import load_image
@@ -75,12 +75,15 @@ def top_classes(probabilities, categories: list[str], k: int, threshold: float =
     return batches
 
 
-def classify(loaded: LoadedModel, batch: torch.Tensor, device: str = "cpu") -> torch.Tensor:
-    """Class probabilities (on the CPU) for a preprocessed (N, 3, H, W) batch: the one model call."""
+def classify(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (on the CPU) for a preprocessed (N, 3, H, W) batch: the one model call.
+
+    `model` is what `fastpath.optimize_for_inference` returns: it moves the batch to its device.
+    """
     import torch
 
     with torch.inference_mode():
-        logits = loaded.model(batch.to(device))
+        logits = model(batch)
         return torch.softmax(logits.float(), dim=1).cpu()
 
 
@@ -118,13 +121,6 @@ def resolve_device(spec: str) -> str:
             raise UsageError(f"--device {spec}: not available (torch sees {seen})")
         return wanted
     raise UsageError(f"--device {spec}: choose auto, cpu, cuda, cuda:N or mps")
-
-
-def use_threads(count: int) -> None:
-    """Limit the threads torch uses inside one operation (`--threads`)."""
-    import torch
-
-    torch.set_num_threads(count)
 
 
 def default_workers() -> int:
@@ -194,19 +190,26 @@ def predict(
     device: str = "cpu",
     offline: bool = False,
     timeout: float = 30.0,
+    expected_count: int | None = None,
 ) -> Iterator[Prediction]:
     """Classify each input, yielding one Prediction per input in input order as soon as its batch is done.
 
     Inputs are decoded and preprocessed by `workers` threads while the model runs on batches of
     up to `batch_size`; a partial batch runs when no input arrives for FLUSH_AFTER seconds. At
     most `batch_size + 2 * workers` inputs are in flight. `device` is where the model runs (it is
-    moved there); `offline` and `timeout` apply to image URLs. Closing the iterator early stops
-    the workers.
+    moved there, through the fast path of `resnetcli.fastpath`, which `expected_count`, the number
+    of inputs when it is known, helps choose); `offline` and `timeout` apply to image URLs.
+    Closing the iterator early stops the workers.
     """
     import torch
 
+    from resnetcli.fastpath import optimize_for_inference
+
     workers = workers or default_workers()
-    loaded.model.to(device)
+    crop = getattr(loaded.transforms, "crop_size", None) or [224]
+    model = optimize_for_inference(
+        loaded.model, device=device, example_shape=(batch_size, 3, crop[0], crop[-1]), images=expected_count
+    )
     in_flight: queue.Queue = queue.Queue(maxsize=batch_size + 2 * workers)
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resnet-decode")
@@ -245,7 +248,7 @@ def predict(
             except InputError as error:
                 outcomes.append(str(error))
         tensors = [outcome for outcome in outcomes if not isinstance(outcome, str)]
-        ranked = iter(top_classes(classify(loaded, torch.stack(tensors), device), loaded.categories, top, threshold) if tensors else [])
+        ranked = iter(top_classes(classify(model, torch.stack(tensors)), loaded.categories, top, threshold) if tensors else [])
         for (item, _), outcome in zip(batch, outcomes):
             if isinstance(outcome, str):
                 yield Prediction(item.source, loaded.arch, loaded.weights.name, error=outcome)

@@ -223,3 +223,25 @@ def test_configure_threads_follows_the_affinity_mask():
         assert fastpath.configure_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_resnet_predict_end_to_end_matches_naive_pipeline(soft_steered, sample_images, runner, app, tmp_path):
+    """`resnet predict` on a folder (count unknown: the traced-graph plan) against the tutorial loop."""
+    import json
+    import shutil
+
+    checkpoint, state_dict = soft_steered
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sample_images:
+        shutil.copy(path, folder / path.name)
+    result = runner.invoke(app, ["predict", str(folder), "--arch", "resnet18", "--weights", str(checkpoint), "--top", "5", "--format", "jsonl", "--batch-size", "4"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["input"]).name for r in records] == [p.name for p in sample_images]
+    reference = naive_probabilities("resnet18", state_dict, sample_images)
+    for record, row in zip(records, reference):
+        values, indices = row.topk(5)
+        assert [s["index"] for s in record["top"]] == indices.tolist()
+        assert [s["prob"] for s in record["top"]] == pytest.approx(values.tolist(), abs=TOLERANCE)
+        assert record["top"][0]["index"] == STEERED_CLASSES[Path(record["input"]).name]

@@ -124,6 +124,17 @@ def open_output(path: Optional[Path]) -> IO[str]:
         raise UsageError(f"--output {path}: cannot write: {error.strerror or error}") from None
 
 
+def counted_inputs(inputs: List[str], shard_spec: Optional[tuple[int, int]]) -> Optional[int]:
+    """How many images the command line names, when it names them one by one (files and URLs);
+    None when a folder, glob or stdin makes the count unknown before they are read."""
+    if not all(text.lower().startswith(("http://", "https://")) or Path(text).is_file() for text in inputs):
+        return None
+    if shard_spec is None:
+        return len(inputs)
+    index, count = shard_spec
+    return len(range(index - 1, len(inputs), count))
+
+
 @app.command()
 def predict(
     inputs: Annotated[
@@ -172,14 +183,14 @@ def predict(
     """Classify images: the top-k ImageNet classes (or a checkpoint's own classes) with probabilities."""
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
-    from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing, use_threads
+    from resnetcli.fastpath import configure_threads
+    from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
     from resnetcli.registry import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
     preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
-    if threads is not None:
-        use_threads(threads)
+    configure_threads(threads)
     settings = cache_settings(offline, mirror)
     with download_progress() as on_progress:
         loaded = load_model(
@@ -213,6 +224,7 @@ def predict(
         device=chosen_device,
         offline=settings.offline,
         timeout=settings.timeout,
+        expected_count=counted_inputs(inputs, shard_spec),
     )
     title = f"{loaded.arch} ({loaded.weights.name})"
     try:
