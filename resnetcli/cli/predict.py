@@ -175,7 +175,7 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Threads decoding and preprocessing images (default: one per core, at most 8).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads torch uses inside each operation (torch.set_num_threads).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads torch uses inside each operation (default: the CPUs this process may run on, from its affinity mask).")] = None,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
