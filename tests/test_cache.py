@@ -7,11 +7,13 @@ failure are real subprocesses of `python -m resnetcli`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -612,17 +614,32 @@ def test_cache_folder_that_cannot_be_created_is_named(runner, app, server, tiny,
     assert server.gets == Counter()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits; the test above covers an unwritable folder")
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """Make a folder unwritable: mode 0o555, and for root (who ignores mode bits) the immutable flag."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: no way to make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
 def test_read_only_cache_folder_is_named(runner, app, server, tiny, checkpoint_dir):
     checkpoint_dir.mkdir(parents=True)
-    checkpoint_dir.chmod(0o555)
-    try:
+    with read_only(checkpoint_dir):
         result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", server.add(tiny)))
-    finally:
-        checkpoint_dir.chmod(0o755)
+        assert cache_contents(checkpoint_dir) == []
     assert result.exit_code == 3
     assert result.stderr == f"resnet: error: the weight cache folder {checkpoint_dir} is not writable\n"
-    assert cache_contents(checkpoint_dir) == []
+    assert server.gets == Counter()
 
 
 def test_write_failure_mid_download_names_the_folder_and_leaves_nothing(server, tiny, checkpoint_dir):
