@@ -245,3 +245,27 @@ def test_resnet_predict_end_to_end_matches_naive_pipeline(soft_steered, sample_i
         assert [s["index"] for s in record["top"]] == indices.tolist()
         assert [s["prob"] for s in record["top"]] == pytest.approx(values.tolist(), abs=TOLERANCE)
         assert record["top"][0]["index"] == STEERED_CLASSES[Path(record["input"]).name]
+
+
+@pytest.mark.parametrize("arch", ["swin_t", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "densenet121", "googlenet"])
+def test_fast_path_keeps_the_answers_of_other_families_call_after_call(arch):
+    """Whatever the fast path chooses for a family (graph or eager), every call answers as eager.
+
+    swin_t's traced graph passes its first run and fails once oneDNN's fused kernels take over:
+    the check covers the runs up to the optimised graph, so such a model stays eager.
+    """
+    import torch
+    from torchvision import models
+
+    from resnetcli import fastpath
+
+    torch.manual_seed(0)
+    model = models.get_model(arch, weights=None).eval()
+    batch = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = model(batch)
+        fast = fastpath.optimize_for_inference(model, example_shape=(2, 3, 224, 224), images=None)
+        answers = [fast(batch) for _ in range(5)]
+    scale = float(expected.abs().max())
+    for answer in answers:
+        torch.testing.assert_close(answer, expected, rtol=1e-3, atol=1e-3 * scale)
