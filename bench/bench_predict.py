@@ -306,7 +306,7 @@ def decoding_levers(photos: list[Path], repeats: int) -> list[Row]:
     short_side = fastpath.draft_short_side(transforms)
     runs = {
         "full decode (Image.open + convert)": lambda: [transforms(load_image(p)) for p in photos],
-        f"draft decode (short side >= {short_side})": lambda: [transforms(fastpath.load_for_size(p, short_side)) for p in photos],
+        f"draft decode (short side >= {short_side})": lambda: [transforms(load_image(p, draft_short_side=short_side)) for p in photos],
     }
     return compare_in_process("decode + preprocess", runs, repeats, len(photos))
 

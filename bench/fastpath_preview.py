@@ -37,7 +37,7 @@ def main() -> None:
     short_side = fastpath.draft_short_side(loaded.transforms)
 
     def decode(path):
-        return fastpath.load_for_size(path, short_side) if args.draft else load_image(path)
+        return load_image(path, draft_short_side=short_side) if args.draft else load_image(path)
 
     for start in range(0, len(args.images), args.batch_size):
         chunk = args.images[start : start + args.batch_size]

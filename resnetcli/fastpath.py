@@ -11,7 +11,7 @@ pipeline and probabilities agree within 1e-3 (tests/test_fastpath.py).
   returned object takes the same float32 NCHW batches as the original and returns float32 logits.
 - `configure_threads(threads)`: one intra-op thread per CPU this process may use, one inter-op
   thread, so that processes confined to a share of the machine do not oversubscribe it.
-- `load_for_size(path, short_side)`: opt-in. Decodes a JPEG at a reduced DCT scale when it is much
+- `draft_short_side(transforms)` for `images.load_image(..., draft_short_side=...)`: opt-in. Decodes a JPEG at a reduced DCT scale when it is much
   larger than the preprocessing's resize target (Pillow's draft mode): several times faster for
   photos of several megapixels, with the same top-5 labels on the test photos, but probabilities
   that move by up to about 1e-2, more than the 1e-3 the default path keeps.
@@ -21,18 +21,13 @@ torch, torchvision and PIL are imported inside the functions so that importing t
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
-
-from resnetcli.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from PIL import Image
 
 #: Draft-mode decoding keeps at least this many times the resize target on the short side, so the
 #: final antialiased resize still downsamples by 2x or more: on the test photos a margin of 1 moved
@@ -252,48 +247,3 @@ def draft_short_side(transforms: Any) -> int | None:
     if not resize:
         return None
     return DRAFT_MARGIN * min(resize)
-
-
-def load_for_size(source: str | Path, short_side: int | None) -> Image.Image:
-    """Open an image as an upright RGB `PIL.Image` like `resnetcli.images.load_image`, decoding a JPEG
-    at a reduced scale (1/2, 1/4 or 1/8) when its short side still stays at least `short_side`.
-
-    Non-JPEG files and `short_side=None` decode at full size. Errors are the same `InputError`s as
-    `load_image` (the file and what is wrong); Pillow's decompression-bomb guard stays on.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from resnetcli.images import to_rgb
-
-    path = Path(source)
-    name = str(source)
-    if path.is_dir():
-        raise InputError(name, "is a directory, not an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                if short_side and image.format == "JPEG":
-                    _draft(image, short_side)
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
-    except FileNotFoundError:
-        raise InputError(name, "no such file") from None
-    except PermissionError:
-        raise InputError(name, "permission denied") from None
-    except UnidentifiedImageError:
-        raise InputError(name, "not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InputError(name, f"refused as a possible decompression bomb ({error})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise InputError(name, f"cannot decode image: {error}") from None
-
-
-def _draft(image: Image.Image, short_side: int) -> None:
-    # draft() picks the largest DCT scale (1/8, 1/4, 1/2) whose result is still at least the size
-    # asked for (or none), so asking for the photo's aspect ratio at `short_side` keeps both sides at
-    # or above it. EXIF rotation only swaps the sides: the short side is the same after it.
-    width, height = image.size
-    scale = short_side / min(width, height)
-    image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))

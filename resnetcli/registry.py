@@ -200,7 +200,7 @@ def _configured_by(weights: WeightsEnum, state_dict: Mapping[str, Any] | None) -
 
     torchvision's builders set constructor arguments from the weights (num_classes, image_size,
     transform_input, aux_logits, ...) and then load the file through torch.hub, which unpickles
-    with weights_only=False and trusts a cached file blindly. Calling the builder with the real
+    it unrestricted (not weights-only) and trusts a cached file blindly. Calling the builder with the real
     weights member keeps its construction logic exact for every architecture, current and future,
     while the tensors come from resnetcli's verified cache and safe loader (`state_dict`), or not at
     all (`None`: the builder's loading step is skipped, for shape-only models).

@@ -162,18 +162,17 @@ def test_graph_only_for_enough_images_and_never_on_cuda():
 def test_draft_decoding_only_shrinks_large_jpegs_and_keeps_the_short_side(sample_images, large_photos, tmp_path):
     from PIL import Image
 
-    from resnetcli import fastpath
     from resnetcli.images import load_image
 
     small, large = sample_images[0], large_photos[0]
-    assert fastpath.load_for_size(small, 464).size == load_image(small).size
+    assert load_image(small, draft_short_side=464).size == load_image(small).size
     with Image.open(large) as image:
         full_size = image.size
-    drafted = fastpath.load_for_size(large, 464)
+    drafted = load_image(large, draft_short_side=464)
     assert min(drafted.size) >= 464 and drafted.size[0] <= full_size[0] // 2
     png = tmp_path / "large.png"
     load_image(large).save(png)
-    assert fastpath.load_for_size(png, 464).size == full_size
+    assert load_image(png, draft_short_side=464).size == full_size
 
 
 def test_draft_decoding_keeps_top5_labels_of_large_photos(soft_steered, large_photos):
@@ -182,6 +181,7 @@ def test_draft_decoding_keeps_top5_labels_of_large_photos(soft_steered, large_ph
     from torchvision import models
 
     from resnetcli import fastpath
+    from resnetcli.images import load_image
 
     checkpoint, state_dict = soft_steered
     expected = naive_probabilities("resnet18", state_dict, large_photos)
@@ -190,15 +190,15 @@ def test_draft_decoding_keeps_top5_labels_of_large_photos(soft_steered, large_ph
     transforms = models.ResNet18_Weights.DEFAULT.transforms()
     short_side = fastpath.draft_short_side(transforms)
     with torch.no_grad():
-        got = model.eval()(torch.stack([transforms(fastpath.load_for_size(p, short_side)) for p in large_photos])).softmax(dim=1)
+        got = model.eval()(torch.stack([transforms(load_image(p, draft_short_side=short_side)) for p in large_photos])).softmax(dim=1)
 
     assert [STEERED_CLASSES[p.name] for p in large_photos] == got.argmax(dim=1).tolist()
     assert got.topk(5).indices.tolist() == expected.topk(5).indices.tolist()
 
 
-def test_load_for_size_reports_bad_inputs_like_load_image(tmp_path):
-    from resnetcli import fastpath
+def test_draft_decoding_reports_bad_inputs_like_full_decoding(tmp_path):
     from resnetcli.errors import InputError
+    from resnetcli.images import load_image
 
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes((Path(__file__).parent.parent / "sample_images" / "cat.jpg").read_bytes()[:2000])
@@ -208,7 +208,7 @@ def test_load_for_size_reports_bad_inputs_like_load_image(tmp_path):
     cases[text] = "not an image (unrecognised format)"
     for path, message in cases.items():
         with pytest.raises(InputError) as caught:
-            fastpath.load_for_size(path, 464)
+            load_image(path, draft_short_side=464)
         assert str(caught.value).startswith(f"{path}: {message}")
 
 
