@@ -195,28 +195,24 @@ class LoadedModel:
 
 
 @contextmanager
-def _configured_by(weights: WeightsEnum, state_dict: Mapping[str, Any] | None) -> Iterator[None]:
-    """Let torchvision's builder configure a model for `weights` without going through torch.hub.
+def _configured_by(weights: WeightsEnum) -> Iterator[None]:
+    """Let torchvision's builder configure a model for `weights` without loading anything.
 
     torchvision's builders set constructor arguments from the weights (num_classes, image_size,
-    transform_input, aux_logits, ...) and then load the file through torch.hub, which unpickles
-    it unrestricted (not weights-only) and trusts a cached file blindly. Calling the builder with the real
-    weights member keeps its construction logic exact for every architecture, current and future,
-    while the tensors come from resnetcli's verified cache and safe loader (`state_dict`), or not at
-    all (`None`: the builder's loading step is skipped, for shape-only models).
+    transform_input, aux_logits, ...), load the file through torch.hub, which unpickles it
+    unrestricted (not weights-only) and trusts a cached file blindly, and then adjust the model
+    (googlenet and inception drop their auxiliary heads). Calling the builder with the real weights
+    member keeps that logic exact for every architecture, current and future; the loading step is
+    skipped, and resnetcli assigns tensors from its verified cache and safe loader afterwards.
     """
     import torch
 
     module_class = torch.nn.Module
     load_state_dict = module_class.load_state_dict
-    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: state_dict if state_dict is not None else {}
-    if state_dict is None:
-        module_class.load_state_dict = lambda self, *args, **kwargs: None
+    weights.__dict__["get_state_dict"] = lambda *args, **kwargs: {}
+    module_class.load_state_dict = lambda self, *args, **kwargs: None
     try:
-        with warnings.catch_warnings():
-            # The builder's own load copies into meta tensors, a no-op torch warns about.
-            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
-            yield
+        yield
     finally:
         module_class.load_state_dict = load_state_dict
         weights.__dict__.pop("get_state_dict", None)
@@ -254,7 +250,6 @@ def _construct(
     arch: str,
     pretrained: WeightsEnum | None,
     *,
-    state_dict: Mapping[str, Any] | None = None,
     on_meta: bool = True,
     num_classes: int | None = None,
 ) -> torch.nn.Module:
@@ -272,7 +267,7 @@ def _construct(
             warnings.simplefilter("ignore", FutureWarning)  # torchvision's notes about future init changes
             if pretrained is None:
                 return builder(weights=None, **({"num_classes": num_classes} if num_classes else {}))
-            with _configured_by(pretrained, state_dict):
+            with _configured_by(pretrained):
                 return builder(weights=pretrained)
 
     if not on_meta:
@@ -311,11 +306,15 @@ def _build_with_state_dict(
 ) -> torch.nn.Module:
     """Build on the meta device (no random init) and assign the loaded tensors.
 
-    Falls back to a normal CPU build when the architecture keeps state outside its state dict
-    (non-persistent buffers), which the meta device cannot produce.
+    With `pretrained`, the model is configured by those weights and its classifier head resized to
+    `num_classes` when they differ (a fine-tuned checkpoint). Falls back to a normal CPU build when
+    the architecture keeps state outside its state dict (non-persistent buffers), which the meta
+    device cannot produce.
     """
     for on_meta in (True, False):
-        model = _construct(arch, pretrained, state_dict=state_dict, on_meta=on_meta, num_classes=num_classes)
+        model = _construct(arch, pretrained, on_meta=on_meta, num_classes=num_classes)
+        if pretrained is not None and num_classes is not None:
+            _resize_head(model, state_dict, num_classes)
         try:
             model.load_state_dict(state_dict, strict=True, assign=on_meta)
         except RuntimeError as error:
@@ -323,6 +322,47 @@ def _build_with_state_dict(
         if not _has_meta_tensors(model):
             return model.eval()
     raise AssertionError("unreachable: a CPU build has no meta tensors")
+
+
+def _resize_head(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], num_classes: int) -> None:
+    """Give the Linear/Conv2d layers whose checkpoint tensors differ from the model's only in their
+    first dimension (the class count) that many outputs: the head a fine-tuning recipe swapped in."""
+    import torch
+
+    current = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key not in current or tuple(tensor.shape) == tuple(current[key].shape):
+            continue
+        if tensor.ndim < 1 or tensor.shape[0] != num_classes or tuple(tensor.shape)[1:] != tuple(current[key].shape)[1:]:
+            continue
+        module_name, _, param_name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, torch.nn.Linear):
+            module.out_features = num_classes
+        elif isinstance(module, torch.nn.Conv2d):
+            module.out_channels = num_classes
+        else:
+            continue
+        old = getattr(module, param_name)
+        setattr(module, param_name, torch.nn.Parameter(torch.empty(tensor.shape, device=old.device, dtype=old.dtype)))
+
+
+def _build_checkpoint(arch: str, state_dict: Mapping[str, torch.Tensor], source: str, num_classes: int) -> tuple[torch.nn.Module, WeightsEnum | None]:
+    """Build a checkpoint's model: the plain architecture, or, when the checkpoint does not fit it,
+    the architecture as one of its pretrained weights configures it (what fine-tuning from those
+    weights produces: googlenet's input transform without aux heads, ViT at 384 pixels, ...).
+
+    Returns the model and the weights whose configuration it has (None for the plain one).
+    """
+    try:
+        return _build_with_state_dict(arch, None, state_dict, source, num_classes=num_classes), None
+    except CheckpointError as plain_error:
+        for pretrained in weights_enum(arch):
+            try:
+                return _build_with_state_dict(arch, pretrained, state_dict, source, num_classes=num_classes), pretrained
+            except CheckpointError:
+                continue
+        raise plain_error from None
 
 
 def _mismatch_summary(error: RuntimeError) -> str:
@@ -384,7 +424,9 @@ def build_model(
         if state_dict is None:
             raise ValueError("checkpoints need their state dict")
         class_count = checkpoint_class_count(arch, state_dict)
-        model = _build_with_state_dict(arch, None, state_dict, source, num_classes=class_count)
+        model, configured_by = _build_checkpoint(arch, state_dict, source, class_count)
+        if configured_by is not None:
+            transforms = configured_by.transforms()
         if class_count != len(categories):
             # A fine-tuned head: without --labels the classes can only be numbered.
             categories = [f"class_{i}" for i in range(class_count)]

@@ -42,3 +42,26 @@ def test_pretrained_build_matches_torchvision_builder(arch, checkpoint_dir):
         actual = ours.model(batch)
     torch.testing.assert_close(actual, expected)
     assert ours.categories == choice.pretrained.meta["categories"]
+
+
+def test_checkpoint_fine_tuned_from_pretrained_googlenet_keeps_its_configuration(tmp_path):
+    """The transfer-learning recipe on googlenet: pretrained weights (input transform on, aux heads
+    dropped by the builder), then `fc` replaced by a 3-class layer. The plain architecture does not
+    fit such a checkpoint; resnetcli finds the configuration that does and answers as the model did."""
+    import torch
+    from torchvision import models
+
+    from resnetcli.registry import load_model
+
+    torch.manual_seed(0)
+    fine_tuned = models.GoogLeNet(aux_logits=False, transform_input=True, init_weights=True).eval()
+    fine_tuned.fc = torch.nn.Linear(1024, 3)
+    checkpoint = tmp_path / "googlenet-finetuned.pth"
+    torch.save({"model": fine_tuned.state_dict()}, checkpoint)
+
+    loaded = load_model("googlenet", str(checkpoint))
+    assert loaded.categories == ["class_0", "class_1", "class_2"]
+    assert loaded.model.transform_input is True
+    batch = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(batch), fine_tuned(batch))
