@@ -241,6 +241,7 @@ def download(
     on_progress: ProgressCallback | None = None,
     fetch_hint: str | None = None,
     mirrored: bool = True,
+    on_wait: Callable[[str], None] | None = None,
 ) -> CachedFile:
     """Make sure the file at `url` is in the cache, verified; download it when it is missing.
 
@@ -249,6 +250,7 @@ def download(
     the most bytes the file may have (its expected size), else `settings.max_download` caps it.
     `fetch_hint` is the `resnet fetch` command named when the file is missing in offline mode.
     `mirrored` says whether `settings.mirror` applies (torchvision's weights) or not (a user's URL).
+    `on_wait(file_name)` is called when another process is downloading the file and this one waits.
     """
     shown = redact_url(url)
     file_name = file_name_of(url)
@@ -284,7 +286,10 @@ def download(
             _check_free_space(folder, size)
         return _http_source(source, settings.timeout, cap, size is not None, report)
 
-    return store_verified(file_name, expected, open_source, "downloaded", lambda done: report(done))
+    return store_verified(
+        file_name, expected, open_source, "downloaded", lambda done: report(done),
+        on_wait=(lambda: on_wait(file_name)) if on_wait is not None else None,
+    )
 
 
 def import_file(source: Path, file_name: str | None = None, *, sha256: str | None = None) -> CachedFile:

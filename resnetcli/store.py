@@ -282,8 +282,12 @@ def _lock_path(folder: Path, file_name: str) -> Path:
 
 
 @contextmanager
-def file_lock(folder: Path, file_name: str, wait: float = LOCK_WAIT) -> Iterator[Path]:
+def file_lock(
+    folder: Path, file_name: str, wait: float = LOCK_WAIT, on_wait: Callable[[], None] | None = None
+) -> Iterator[Path]:
     """Hold the per-file lock and yield its path; an flock, so the kernel releases it when its holder dies.
+
+    `on_wait` is called once when another process holds the lock and this one starts waiting.
 
     filelock opens the lock file with O_NOFOLLOW and does not count an flock on a file that was
     unlinked meanwhile, so a lock file may be removed by whoever holds it (`cache rm`).
@@ -293,7 +297,15 @@ def file_lock(folder: Path, file_name: str, wait: float = LOCK_WAIT) -> Iterator
     path = _lock_path(folder, file_name)
     lock = FileLock(str(path))
     try:
-        lock.acquire(timeout=wait)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if wait <= 0:
+                raise
+            log.debug("%s: waiting for the lock another process holds", folder / file_name)
+            if on_wait is not None:
+                on_wait()
+            lock.acquire(timeout=wait)
     except Timeout:
         raise WeightsUnavailable(f"{folder / file_name}: another process has held its lock for {wait:g} s") from None
     except OSError as error:
@@ -390,6 +402,7 @@ def store_verified(
     report: Callable[[int], None] = lambda done: None,
     *,
     replace: bool = False,
+    on_wait: Callable[[], None] | None = None,
 ) -> CachedFile:
     """Fill the cache file `file_name` from `open_source()`, verified, under its lock: the one way a file enters.
 
@@ -401,7 +414,7 @@ def store_verified(
     folder = checkpoint_dir()
     target = folder / file_name
     cache_folder_ready(folder)
-    with file_lock(folder, file_name):
+    with file_lock(folder, file_name, on_wait=on_wait):
         if not replace and target.is_file():  # Another process finished it while we waited for the lock.
             return already_cached(target, expected)
         remove_stale_partials(folder, file_name)

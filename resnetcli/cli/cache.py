@@ -163,6 +163,7 @@ def _obtain(wanted: _Wanted, from_file: Optional[Path], settings, on_progress):
     return download.download(
         wanted.url, sha256=wanted.sha256, size=wanted.size, settings=settings, on_progress=on_progress,
         fetch_hint=wanted.fetch_hint, mirrored=wanted.mirrored,
+        on_wait=lambda name: say(f"waiting for another process that is downloading {name}"),
     )
 
 
