@@ -25,8 +25,14 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from resnetcli.errors import CacheError, UsageError, WeightsUnavailable
-from resnetcli.store import CachedFile, Source, checkpoint_dir, hash_prefix_of, store_verified
-from resnetcli.store import already_cached
+from resnetcli.store import (
+    CachedFile,
+    Source,
+    already_cached,
+    checkpoint_dir,
+    hash_prefix_of,
+    store_verified,
+)
 from resnetcli.urls import is_url, redact_url, split_credentials
 
 log = logging.getLogger(__name__)
@@ -100,7 +106,8 @@ class CacheSettings:
     def from_env(
         cls, offline: bool | None = None, mirror: str | None = None, timeout: float | None = None
     ) -> "CacheSettings":
-        """Settings from command-line values, else RESNET_OFFLINE, RESNET_MIRROR, RESNET_TIMEOUT, RESNET_MAX_DOWNLOAD."""
+        """Settings from command-line values, else RESNET_OFFLINE, RESNET_MIRROR, RESNET_TIMEOUT and
+        RESNET_MAX_DOWNLOAD."""
         env_offline = _flag_from_env("RESNET_OFFLINE")
         if timeout is None:
             timeout = _timeout_from_env()
@@ -201,8 +208,7 @@ def _http_source(url: str, timeout: float, cap: int, known: bool, report: Callab
     except (OSError, http.client.HTTPException) as error:
         raise _network_error(shown, error, timeout, started=False) from None
     limit = (
-        f"more than the expected {format_size(cap)}" if known
-        else f"more than RESNET_MAX_DOWNLOAD={format_size(cap)}"
+        f"more than the expected {format_size(cap)}" if known else f"more than RESNET_MAX_DOWNLOAD={format_size(cap)}"
     )
     length_header = response.headers.get("Content-Length")
     length = int(length_header) if length_header and length_header.isdigit() else None
@@ -287,7 +293,11 @@ def download(
         return _http_source(source, settings.timeout, cap, size is not None, report)
 
     return store_verified(
-        file_name, expected, open_source, "downloaded", lambda done: report(done),
+        file_name,
+        expected,
+        open_source,
+        "downloaded",
+        lambda done: report(done),
         on_wait=(lambda: on_wait(file_name)) if on_wait is not None else None,
     )
 

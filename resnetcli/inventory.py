@@ -65,8 +65,12 @@ class Listed:
 
     def record(self) -> dict:
         return {
-            "file": self.name, "size": self.size, "weights": list(self.weights),
-            "sha256": self.sha256, "source": self.source, "path": str(self.path),
+            "file": self.name,
+            "size": self.size,
+            "weights": list(self.weights),
+            "sha256": self.sha256,
+            "source": self.source,
+            "path": str(self.path),
         }
 
 
@@ -77,8 +81,13 @@ def describe(path: Path, labels: Mapping[str, Sequence[str]] | None = None) -> L
     sha256 = record["sha256"] if record is not None and record["size"] == size else None
     url = (record or {}).get("url")
     return Listed(
-        path.name, path, size, sha256, url if isinstance(url, str) else None,
-        tuple((labels or {}).get(path.name, ())), problem,
+        path.name,
+        path,
+        size,
+        sha256,
+        url if isinstance(url, str) else None,
+        tuple((labels or {}).get(path.name, ())),
+        problem,
     )
 
 
@@ -100,8 +109,12 @@ class Verification:
 
     def record(self) -> dict:
         return {
-            "file": self.name, "size": self.size, "sha256": self.sha256,
-            "status": self.status, "problem": self.problem, "path": str(self.path),
+            "file": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "status": self.status,
+            "problem": self.problem,
+            "path": str(self.path),
         }
 
 
@@ -170,7 +183,11 @@ def stale_partials() -> list[Verification]:
     folder = checkpoint_dir()
     return [
         Verification(
-            partial.name, partial, size, None, "stale partial",
+            partial.name,
+            partial,
+            size,
+            None,
+            "stale partial",
             f"left by an interrupted download of {owner}; remove it with `resnet cache rm --partials`",
         )
         for owner, partial, size in _stale_partials(folder)

@@ -337,7 +337,8 @@ def partials_of(folder: Path, file_name: str | None = None) -> list[Path]:
     except FileNotFoundError:
         return []
     found = [
-        folder / entry for entry in entries
+        folder / entry
+        for entry in entries
         if (owner := owner_of_partial(entry)) is not None and (file_name is None or owner == file_name)
     ]
     return sorted(found)
@@ -407,9 +408,10 @@ def store_verified(
     """Fill the cache file `file_name` from `open_source()`, verified, under its lock: the one way a file enters.
 
     Holding the lock: unless `replace` (an import may repair a file), a file another process
-    completed meanwhile is checked and returned as "already cached"; stale partial files of the name are removed; the bytes go to a new partial
-    file, hashed on the way; only a file whose sha256 starts with `expected` is renamed into
-    place, its record first, so that whoever sees the file sees its record.
+    completed meanwhile is checked and returned as "already cached"; stale partial files of the
+    name are removed; the bytes go to a new partial file, hashed on the way; only a file whose
+    sha256 starts with `expected` is renamed into place, its record first, so that whoever sees
+    the file sees its record.
     """
     folder = checkpoint_dir()
     target = folder / file_name
@@ -429,7 +431,8 @@ def store_verified(
                 actual, size = _copy_hashing(source.read, handle, folder, report)
             if not actual.startswith(expected):
                 raise WeightsUnavailable(
-                    f"{source.name}: sha256 mismatch: expected {expected[:16]}..., got {actual[:16]}...; {source.refused}"
+                    f"{source.name}: sha256 mismatch: expected {expected[:16]}..., got {actual[:16]}...; "
+                    + source.refused
                 )
             try:
                 records = records_dir(folder, create=True)

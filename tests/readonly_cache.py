@@ -9,7 +9,6 @@ warning that names what was tried, so that the gap shows in the summary.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -18,11 +17,16 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, env_without_resnet
 
 WAYS = ("chmod", "chattr", "setpriv", "unshare")
 NOBODY = 65534
+#: An unprivileged user that may still read and search everything (CAP_DAC_READ_SEARCH), so that
+#: pytest's private folders need no mode change, but writes only where `nobody` may: nowhere here.
+AS_NOBODY = [
+    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+    "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+]
 
 
 def _works(argv: list[str]) -> bool:
@@ -45,9 +49,7 @@ def available(way: str, folder: Path) -> bool:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
         return True
     if way == "setpriv":
-        return shutil.which("setpriv") is not None and _works(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "true"]
-        )
+        return shutil.which("setpriv") is not None and _works([*AS_NOBODY, "true"])
     if way == "unshare":
         return shutil.which("unshare") is not None and _works(
             ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1"', "sh", str(folder)]
@@ -65,29 +67,8 @@ def first_way(folder: Path) -> str:
     pytest.skip(message)
 
 
-@contextlib.contextmanager
-def _traversable_by_nobody(folder: Path):
-    """Let an unprivileged user reach `folder` and read what is in it (pytest's folders are 0700)."""
-    changed = []
-    for part in [folder, *folder.parents]:
-        mode = part.stat().st_mode & 0o7777
-        if mode & 0o005 != 0o005:
-            changed.append((part, mode))
-            part.chmod(mode | 0o005)
-    for entry in folder.rglob("*"):
-        if not entry.is_symlink():
-            mode = entry.stat().st_mode & 0o7777
-            changed.append((entry, mode))
-            entry.chmod(mode | (0o005 if entry.is_dir() else 0o004))
-    try:
-        yield
-    finally:
-        for part, mode in reversed(changed):
-            part.chmod(mode)
-
-
 def run_cli_read_only(way: str, folder: Path, torch_home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m resnetcli ARGS` with `folder` read-only for it, made so by `way`."""
+    """`python -m resnetcli ARGS` with `folder` and everything in it read-only for it, made so by `way`."""
     argv = [sys.executable, "-m", "resnetcli", *map(str, args)]
     environment = env_without_resnet(TORCH_HOME=str(torch_home), **env)
 
@@ -95,21 +76,23 @@ def run_cli_read_only(way: str, folder: Path, torch_home: Path, *args: str, **en
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=environment, timeout=120)
 
     if way == "chmod":
-        folder.chmod(0o555)
+        folders = [folder, *(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())]
+        for part in folders:
+            part.chmod(0o555)
         try:
             return run(argv)
         finally:
-            folder.chmod(0o755)
+            for part in folders:
+                part.chmod(0o755)
     if way == "chattr":
-        subprocess.run(["chattr", "+i", str(folder)], check=True)
+        subprocess.run(["chattr", "-R", "+i", str(folder)], check=True)
         try:
             return run(argv)
         finally:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
+            subprocess.run(["chattr", "-R", "-i", str(folder)], check=True)
     if way == "setpriv":
-        # The folder stays owned by root with mode 0755: writable by root only, readable by all.
-        with _traversable_by_nobody(folder):
-            return run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv])
+        # The folder stays owned by root with mode 0755: writable by root only.
+        return run([*AS_NOBODY, *argv])
     if way == "unshare":
         script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
         return run(["unshare", "-m", "sh", "-c", script, "sh", str(folder), *argv])

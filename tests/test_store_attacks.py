@@ -7,6 +7,7 @@ Everything is real: symlinks, FIFOs, a loopback HTTP server, other processes hol
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -16,10 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, env_without_resnet
-from readonly_cache import WAYS, available, run_cli_read_only
-from test_cache import WeightFile, cache_contents, jsonl, run_cli, tiny  # noqa: F401  (tiny is a fixture)
+from test_cache import WeightFile, _tiny_checkpoint, cache_contents, jsonl, run_cli
 
 ENDLESS_BOUND = 64 << 20  # the server gives up after this many bytes: a test that fails stays bounded
 
@@ -66,16 +65,31 @@ class _Server(ThreadingHTTPServer):
     sent: int
 
 
-@pytest.fixture
-def web():
+@contextlib.contextmanager
+def web_server():
+    """A real HTTP server on 127.0.0.1 (see _Handler), stopped on exit."""
     httpd = _Server(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.requests, httpd.sent = {}, [], 0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def web():
+    with web_server() as httpd:
+        yield httpd
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> WeightFile:
+    """A ~150 kB checkpoint named as torchvision names its files (the same bytes as test_cache's)."""
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1, stem="tiny")
 
 
 def serve(web, weight_file: WeightFile) -> str:
@@ -96,7 +110,10 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def link_message(path: Path) -> str:
-    return f"resnet: error: {path} is a symbolic link; resnetcli never follows links out of its cache folder: remove the link\n"
+    return (
+        f"resnet: error: {path} is a symbolic link; resnetcli never follows links out of its cache folder: "
+        "remove the link\n"
+    )
 
 
 @pytest.fixture
@@ -185,7 +202,9 @@ def test_endless_body_stops_at_resnet_max_download_and_leaves_nothing(runner, ap
     monkeypatch.setenv("RESNET_MAX_DOWNLOAD", "lots")
     bad = run_cli(runner, app, "fetch", "--url", url)
     assert bad.exit_code == 2
-    assert bad.stderr == "resnet: error: RESNET_MAX_DOWNLOAD=lots: expected a size in bytes such as 123456, 500MiB or 4GiB\n"
+    assert bad.stderr == (
+        "resnet: error: RESNET_MAX_DOWNLOAD=lots: expected a size in bytes such as 123456, 500MiB or 4GiB\n"
+    )
 
 
 def test_size_caps_a_url_download_before_and_while_reading(runner, app, web, tiny, checkpoint_dir):
@@ -262,7 +281,8 @@ def test_verify_reports_stale_partials_and_rm_partials_removes_them(runner, app,
     assert result.exit_code == 0, result.stderr
     assert jsonl(result.stdout)[-1] == {
         "file": stale.name, "size": len(b"half a file"), "sha256": None, "status": "stale partial",
-        "problem": "left by an interrupted download of resnet18-f37072fd.pth; remove it with `resnet cache rm --partials`",
+        "problem": "left by an interrupted download of resnet18-f37072fd.pth; "
+        "remove it with `resnet cache rm --partials`",
         "path": str(stale),
     }
     assert result.stderr == (
@@ -284,7 +304,10 @@ class HeldLock:
     """Another process holding a file's lock in the cache, as a download in progress does."""
 
     def __init__(self, lock: Path):
-        code = "import sys, filelock; l = filelock.FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); sys.stdin.read()"
+        code = (
+            "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()"
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -332,8 +355,8 @@ def test_record_that_is_a_fifo_is_corrupt_and_never_read(cached_tiny, checkpoint
     assert listed.returncode == 0, listed.stderr
     assert jsonl(listed.stdout)[0]["sha256"] is None  # not trusted
     assert listed.stderr == (
-        f"resnet: warning: {cached_tiny}: its record .resnetcli/{cached_tiny.name}.json is corrupt: it is not a regular "
-        f"file; `resnet cache verify {cached_tiny.name}` checks the file and rewrites it\n"
+        f"resnet: warning: {cached_tiny}: its record .resnetcli/{cached_tiny.name}.json is corrupt: "
+        f"it is not a regular file; `resnet cache verify {cached_tiny.name}` checks the file and rewrites it\n"
     )
     verified = cli_process(home, "cache", "verify", "--format", "jsonl", timeout=60)
     assert verified.returncode == 0, verified.stderr

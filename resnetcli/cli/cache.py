@@ -21,7 +21,11 @@ RM_COLUMNS = ["file", "size", "status", "path"]
 
 TimeoutOption = Annotated[
     Optional[float],
-    typer.Option("--timeout", metavar="SECONDS", help="Give up on a server that sends nothing for this long (also RESNET_TIMEOUT; default 30)."),
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Give up on a server that sends nothing for this long (also RESNET_TIMEOUT; default 30).",
+    ),
 ]
 
 cache_app = typer.Typer(
@@ -36,15 +40,27 @@ app.add_typer(cache_app)
 def fetch(
     models: Annotated[
         Optional[List[str]],
-        typer.Argument(help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).", metavar="ARCH[:WEIGHTS]", show_default=False),
+        typer.Argument(
+            help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).",
+            metavar="ARCH[:WEIGHTS]",
+            show_default=False,
+        ),
     ] = None,
     url: Annotated[
         Optional[str],
-        typer.Option("--url", help="Fetch your own checkpoint from this URL; its hash is --sha256 or the one in a NAME-<sha256 prefix>.pth name."),
+        typer.Option(
+            "--url",
+            help="Fetch your own checkpoint from this URL (http or https); its hash is --sha256 or the one in a "
+            "NAME-<sha256 prefix>.pth name.",
+        ),
     ] = None,
     sha256: Annotated[
         Optional[str],
-        typer.Option("--sha256", metavar="HEX", help="The sha256 (full, or at least 8 leading hex digits) the --url or --from-file file must have."),
+        typer.Option(
+            "--sha256",
+            metavar="HEX",
+            help="The sha256 (full, or at least 8 leading hex digits) the --url or --from-file file must have.",
+        ),
     ] = None,
     size: Annotated[
         Optional[str],
@@ -60,7 +76,8 @@ def fetch(
         typer.Option(
             "--from-file",
             metavar="PATH",
-            help="Import a file copied in by hand instead of downloading: as ARCH[:WEIGHTS], as the --url file, or under its own name.",
+            help="Import a file copied in by hand instead of downloading: as ARCH[:WEIGHTS], as the --url file, "
+            "or under its own name.",
         ),
     ] = None,
     output_format: FormatOption = None,
@@ -89,12 +106,21 @@ def fetch(
     if cap is not None and url is None:
         raise UsageError("--size is for --url files; torchvision's weights are capped at their published size")
     if expected and not (url or (from_file and not models)):
-        raise UsageError("--sha256 is for --url and --from-file files; torchvision's weights are checked against the hash in their file name")
+        raise UsageError(
+            "--sha256 is for --url and --from-file files; "
+            "torchvision's weights are checked against the hash in their file name"
+        )
     settings = download.CacheSettings.from_env(offline=offline, mirror=mirror, timeout=timeout)
 
     wanted = [
-        _Wanted(spec, choice.pretrained.url, None, True, f"resnet fetch {spec}",
-                download.size_of_mib(choice.pretrained.meta.get("_file_size")))
+        _Wanted(
+            spec,
+            choice.pretrained.url,
+            None,
+            True,
+            f"resnet fetch {spec}",
+            download.size_of_mib(choice.pretrained.meta.get("_file_size")),
+        )
         for spec, choice in _torchvision_weights(models)
     ]
     if url is not None:
@@ -105,7 +131,10 @@ def fetch(
 
     failed = False
     fmt = choose_format(output_format, sys.stdout)
-    with download_progress() as on_progress, RecordWriter(fmt, FETCH_COLUMNS, title=f"weight cache {checkpoint_dir()}") as writer:
+    with (
+        download_progress() as on_progress,
+        RecordWriter(fmt, FETCH_COLUMNS, title=f"weight cache {checkpoint_dir()}") as writer,
+    ):
         for item in wanted:
             try:
                 cached = _obtain(item, from_file, settings, on_progress)
@@ -117,10 +146,16 @@ def fetch(
                 writer.write({"name": item.name, "error": " ".join(str(error).split())})
                 continue
             say(f"{cached.status}: {item.name} -> {cached.path}")
-            writer.write({
-                "name": item.name, "file": cached.name, "size": cached.size,
-                "sha256": cached.sha256, "path": str(cached.path), "status": cached.status,
-            })
+            writer.write(
+                {
+                    "name": item.name,
+                    "file": cached.name,
+                    "size": cached.size,
+                    "sha256": cached.sha256,
+                    "path": str(cached.path),
+                    "status": cached.status,
+                }
+            )
     if failed:
         raise typer.Exit(int(ExitStatus.WEIGHTS_UNAVAILABLE))
 
@@ -135,7 +170,9 @@ def _torchvision_weights(specs: list[str]):
         arch, _, weights = spec.partition(":")
         choice = resolve_weights(arch, weights or None)
         if choice.kind != "pretrained":
-            raise UsageError(f"{spec}: fetch takes torchvision weights names (ARCH or ARCH:WEIGHTS); use --url for a URL")
+            raise UsageError(
+                f"{spec}: fetch takes torchvision weights names (ARCH or ARCH:WEIGHTS); use --url for a URL"
+            )
         resolved.append((f"{choice.arch}:{choice.name}", choice))
     return resolved
 
@@ -161,8 +198,13 @@ def _obtain(wanted: _Wanted, from_file: Optional[Path], settings, on_progress):
         return download.import_file(from_file, file_name, sha256=wanted.sha256)
     assert wanted.url is not None
     return download.download(
-        wanted.url, sha256=wanted.sha256, size=wanted.size, settings=settings, on_progress=on_progress,
-        fetch_hint=wanted.fetch_hint, mirrored=wanted.mirrored,
+        wanted.url,
+        sha256=wanted.sha256,
+        size=wanted.size,
+        settings=settings,
+        on_progress=on_progress,
+        fetch_hint=wanted.fetch_hint,
+        mirrored=wanted.mirrored,
         on_wait=lambda name: say(f"waiting for another process that is downloading {name}"),
     )
 
@@ -193,11 +235,11 @@ def _weights_labels() -> dict[str, list[str]]:
 
 
 def _megabytes(size: int) -> str:
-    return f"{size / (1 << 20):,.1f}\N{NO-BREAK SPACE}MiB"  # MiB, as torchvision's file sizes (`list`)
+    return f"{size / (1 << 20):,.1f} MiB"  # MiB, as torchvision's file sizes (`list`)
 
 
 def _print_list_table(listed: list) -> None:
-    """The terminal view of `cache list`: name, size in MiB, owners, short hash; the folder in the title.
+    """The terminal view of `cache list`: name, size in MiB, owners, the hash's first 8 digits; the folder in the title.
 
     Numbers and hashes never wrap; a long file name or label is cut with an ellipsis rather than
     folded; the machine formats keep every field (full hash, source URL, path).
@@ -208,15 +250,21 @@ def _print_list_table(listed: list) -> None:
 
     from resnetcli.store import checkpoint_dir
 
-    table = Table(title=f"weight cache {checkpoint_dir()}", title_justify="left", header_style="bold")
-    table.add_column("file", overflow="ellipsis", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("weights", overflow="ellipsis", no_wrap=True)
-    table.add_column("sha256", no_wrap=True)
-    for item in listed:
-        sha = (item.sha256[:12] + "\N{HORIZONTAL ELLIPSIS}") if item.sha256 else ""
-        table.add_row(Text(item.name), _megabytes(item.size), Text(", ".join(item.weights)), sha)
+    sizes = [_megabytes(item.size) for item in listed]
+    hashes = [(item.sha256[:8] + "\N{HORIZONTAL ELLIPSIS}") if item.sha256 else "" for item in listed]
     console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 100_000)
+    size_width = max(len("size"), *(len(text) for text in sizes))
+    # What is left after the borders and padding (13), the size and the hash (9): the file name (what
+    # `cache rm` takes) first, the weights the rest; either is cut with an ellipsis, never folded.
+    free = max(console.width - 13 - size_width - 9, 24)
+    name_width = min(max(len(item.name) for item in listed), free - 12)
+    table = Table(title=f"weight cache {checkpoint_dir()}", title_justify="left", header_style="bold")
+    table.add_column("file", overflow="ellipsis", no_wrap=True, max_width=name_width)
+    table.add_column("size", justify="right", no_wrap=True, min_width=size_width)
+    table.add_column("weights", overflow="ellipsis", no_wrap=True, max_width=free - name_width)
+    table.add_column("sha256", no_wrap=True, min_width=9)
+    for item, size, sha in zip(listed, sizes, hashes):
+        table.add_row(Text(item.name), size, Text(", ".join(item.weights)), sha)
     console.print(table)
     mine = [item.name for item in listed if not item.weights]
     if mine:
@@ -268,8 +316,10 @@ def verify_cache(
         result = inventory.verify(path)
         if result.status == "corrupt":
             corrupt += 1
-            say(f"error: {path}: corrupt ({result.problem}); remove it with `resnet cache rm {result.name}` "
-                "and fetch it again")
+            say(
+                f"error: {path}: corrupt ({result.problem}); remove it with `resnet cache rm {result.name}` "
+                "and fetch it again"
+            )
         elif result.status == "unverifiable":
             warn(f"{path}: cannot be verified ({result.problem})")
         elif result.problem:
@@ -292,8 +342,11 @@ def remove_cache(
     ] = None,
     all_files: Annotated[
         bool,
-        typer.Option("--all", help="Remove every cached weight file, record, lock and abandoned partial download "
-                     "(a download in progress is left alone)."),
+        typer.Option(
+            "--all",
+            help="Remove every cached weight file, record, lock and abandoned partial download "
+            "(a download in progress is left alone).",
+        ),
     ] = False,
     partials: Annotated[
         bool, typer.Option("--partials", help="Remove the partial files of interrupted downloads only.")
