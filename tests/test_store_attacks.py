@@ -240,12 +240,13 @@ def test_torchvision_weights_are_capped_at_their_published_size(runner, app, web
     from torchvision.models import ResNet18_Weights
 
     published = ResNet18_Weights.IMAGENET1K_V1.meta["_file_size"]  # MiB, 3 decimals
+    cap = published * 1.01 + 1 / 16  # 1% + 64 KiB of slack for the same tensors saved by another torch
     file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
     result = run_cli(runner, app, "fetch", "resnet18:IMAGENET1K_V1", "--mirror", f"{web.url}/endless")
     assert result.exit_code == 3
     assert result.stderr.splitlines()[-1] == (
         f"resnet: error: {web.url}/endless/{file_name}: download stopped: the server sent more than the expected "
-        f"{published:.1f} MiB; the file was discarded"
+        f"{cap:.1f} MiB; the file was discarded"
     )
     assert web.sent < ENDLESS_BOUND
     assert cache_contents(checkpoint_dir) == []
