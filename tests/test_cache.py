@@ -7,13 +7,11 @@ failure are real subprocesses of `python -m resnetcli`.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, env_without_resnet, save_hub_style, sha256_file
+from readonly_cache import first_way, run_cli_read_only
 
 
 def run_cli(runner, app, *args):
@@ -102,6 +101,7 @@ class _Handler(BaseHTTPRequestHandler):
         mode, _, name = self.path.lstrip("/").partition("/")
         with self.server.lock:
             self.server.gets[self.path] += 1
+        self.server.gate.wait(60)  # open unless a test holds answers back
         body = self.server.files.get(name)
         if body is None or mode not in FlakyServer.MODES:
             self.send_error(404)
@@ -141,6 +141,7 @@ class _Server(ThreadingHTTPServer):
     gets: Counter
     lock: threading.Lock
     release: threading.Event
+    gate: threading.Event
     slow_seconds: float
 
 
@@ -150,7 +151,8 @@ class FlakyServer:
 
     /ok/NAME serves NAME; /wrong/NAME other bytes; /short/NAME half the bytes, then closes;
     /stall/NAME half the bytes, then nothing; /silent/NAME never answers; /slow/NAME takes
-    `slow_seconds`; any other path is a 404. `gets` counts GET requests per path.
+    `slow_seconds`; any other path is a 404. `gets` counts GET requests per path. While `gate` is
+    clear, every answer waits (the request is counted first).
     """
 
     MODES = ("ok", "wrong", "short", "stall", "silent", "slow")
@@ -171,6 +173,8 @@ def server(impostor):
     httpd = _Server(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.wrong_body, httpd.gets = {}, impostor.data, Counter()
     httpd.lock, httpd.release, httpd.slow_seconds = threading.Lock(), threading.Event(), 2.0
+    httpd.gate = threading.Event()
+    httpd.gate.set()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield FlakyServer(httpd, f"http://127.0.0.1:{httpd.server_address[1]}", httpd.gets)
@@ -614,30 +618,14 @@ def test_cache_folder_that_cannot_be_created_is_named(runner, app, server, tiny,
     assert server.gets == Counter()
 
 
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """Make a folder unwritable: mode 0o555, and for root (who ignores mode bits) the immutable flag."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(0o755)
-        return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("running as root on a file system without chattr +i: no way to make a folder read-only")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-
-
-def test_read_only_cache_folder_is_named(runner, app, server, tiny, checkpoint_dir):
+def test_read_only_cache_folder_is_named(server, tiny, checkpoint_dir):
+    """Read-only for the CLI even as root: chmod, chattr +i, an unprivileged user or a read-only mount."""
     checkpoint_dir.mkdir(parents=True)
-    with read_only(checkpoint_dir):
-        result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", server.add(tiny)))
-        assert cache_contents(checkpoint_dir) == []
-    assert result.exit_code == 3
+    way = first_way(checkpoint_dir)
+    url = server.file_url("ok", server.add(tiny))
+    result = run_cli_read_only(way, checkpoint_dir, checkpoint_dir.parent.parent, "fetch", "--url", url)
+    assert cache_contents(checkpoint_dir) == []
+    assert result.returncode == 3, (way, result.stderr)
     assert result.stderr == f"resnet: error: the weight cache folder {checkpoint_dir} is not writable\n"
     assert server.gets == Counter()
 
@@ -664,18 +652,35 @@ def test_write_failure_mid_download_names_the_folder_and_leaves_nothing(server, 
 
 
 def test_many_processes_download_a_file_once(server, tiny, checkpoint_dir):
+    """Contention is certain: the one answer is held back until the 4 other processes say they wait for the lock."""
     url = server.file_url("slow", server.add(tiny))
+    server.server.gate.clear()
     processes = [fetch_process(url, checkpoint_dir.parent.parent) for _ in range(5)]
-    outputs = [p.communicate(timeout=60) for p in processes]
-    assert [p.returncode for p in processes] == [0] * 5, [err for _, err in outputs]
+    errors: list[list[str]] = [[] for _ in processes]
+    readers = [threading.Thread(target=lambda p=p, e=e: e.extend(p.stderr)) for p, e in zip(processes, errors)]
+    for reader in readers:
+        reader.start()
+    waiting_line = f"resnet: waiting for another process that is downloading {tiny.name}\n"
+    deadline = time.monotonic() + 60
+    while sum(waiting_line in e for e in errors) < 4 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in processes), errors
+        time.sleep(0.05)
+    assert server.gets == Counter({f"/slow/{tiny.name}": 1})  # the downloader's request, still unanswered
+    server.server.gate.set()
+    outputs = [(p.stdout.read(), p.wait(timeout=60)) for p in processes]
+    for reader in readers:
+        reader.join(timeout=10)
+    assert [p.returncode for p in processes] == [0] * 5, errors
+    assert sorted(waiting_line in e for e in errors) == [False] + [True] * 4
     records = [json.loads(out) for out, _ in outputs]  # stdout is exactly one JSON record each
     assert sorted(r["status"] for r in records) == ["already cached"] * 4 + ["downloaded"]
     assert {r["sha256"] for r in records} == {tiny.sha256}
     assert server.gets == Counter({f"/slow/{tiny.name}": 1})
     assert (checkpoint_dir / tiny.name).read_bytes() == tiny.data
     assert cache_contents(checkpoint_dir) == [f".resnetcli/{tiny.name}.json", tiny.name]
-    downloader = next(err for (out, err), r in zip(outputs, records) if r["status"] == "downloaded")
+    downloader = next("".join(err) for err, r in zip(errors, records) if r["status"] == "downloaded")
     assert f"resnet: downloading {tiny.name}" in downloader
+    assert waiting_line not in downloader
 
 
 def test_progress_bar_on_a_terminal_stays_off_stdout(server, tiny, checkpoint_dir):

@@ -11,7 +11,7 @@ import typer
 from typing_extensions import Annotated
 
 from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, download_progress, report_error, say, warn
-from resnetcli.cli.output import RecordWriter, choose_format
+from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
 from resnetcli.errors import ExitStatus
 
 FETCH_COLUMNS = ["name", "file", "size", "sha256", "path", "status", "error"]
@@ -21,7 +21,11 @@ RM_COLUMNS = ["file", "size", "status", "path"]
 
 TimeoutOption = Annotated[
     Optional[float],
-    typer.Option("--timeout", metavar="SECONDS", help="Give up on a server that sends nothing for this long (also RESNET_TIMEOUT; default 30)."),
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Give up on a server that sends nothing for this long (also RESNET_TIMEOUT; default 30).",
+    ),
 ]
 
 cache_app = typer.Typer(
@@ -36,22 +40,44 @@ app.add_typer(cache_app)
 def fetch(
     models: Annotated[
         Optional[List[str]],
-        typer.Argument(help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).", metavar="ARCH[:WEIGHTS]", show_default=False),
+        typer.Argument(
+            help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).",
+            metavar="ARCH[:WEIGHTS]",
+            show_default=False,
+        ),
     ] = None,
     url: Annotated[
         Optional[str],
-        typer.Option("--url", help="Fetch your own checkpoint from this URL; its hash is --sha256 or the one in a NAME-<sha256 prefix>.pth name."),
+        typer.Option(
+            "--url",
+            help="Fetch your own checkpoint from this URL (http or https); its hash is --sha256 or the one in a "
+            "NAME-<sha256 prefix>.pth name.",
+        ),
     ] = None,
     sha256: Annotated[
         Optional[str],
-        typer.Option("--sha256", metavar="HEX", help="The sha256 (full, or at least 8 leading hex digits) the --url or --from-file file must have."),
+        typer.Option(
+            "--sha256",
+            metavar="HEX",
+            help="The sha256 (full, or at least 8 leading hex digits) the --url or --from-file file must have.",
+        ),
+    ] = None,
+    size: Annotated[
+        Optional[str],
+        typer.Option(
+            "--size",
+            metavar="BYTES",
+            help="The --url file's size (e.g. 102400000 or 98MiB): the download stops beyond it (default cap: "
+            "RESNET_MAX_DOWNLOAD, 4GiB).",
+        ),
     ] = None,
     from_file: Annotated[
         Optional[Path],
         typer.Option(
             "--from-file",
             metavar="PATH",
-            help="Import a file copied in by hand instead of downloading: as ARCH[:WEIGHTS], as the --url file, or under its own name.",
+            help="Import a file copied in by hand instead of downloading: as ARCH[:WEIGHTS], as the --url file, "
+            "or under its own name.",
         ),
     ] = None,
     output_format: FormatOption = None,
@@ -60,8 +86,10 @@ def fetch(
     timeout: TimeoutOption = None,
 ) -> None:
     """Fill the weight cache ($TORCH_HOME/hub/checkpoints) with files verified by sha256, so later runs work offline."""
-    from resnetcli import cache
+    from resnetcli import download
     from resnetcli.errors import CacheError, UsageError, WeightsUnavailable
+    from resnetcli.store import checkpoint_dir
+    from resnetcli.urls import redact_url
 
     models = models or []
     if not (models or url or from_file):
@@ -71,20 +99,42 @@ def fetch(
             raise UsageError("--from-file imports one file: give it one ARCH[:WEIGHTS] or one --url, or neither")
         if not from_file.is_file():
             raise UsageError(f"--from-file {from_file}: no such file")
-    expected = cache.parse_sha256(sha256) if sha256 is not None else None
-    if expected and not (url or (from_file and not models)):
-        raise UsageError("--sha256 is for --url and --from-file files; torchvision's weights are checked against the hash in their file name")
-    settings = cache.CacheSettings.from_env(offline=offline, mirror=mirror, timeout=timeout)
-
-    wanted = [_Wanted(spec, choice.pretrained.url, None, True, f"resnet fetch {spec}") for spec, choice in _torchvision_weights(models)]
     if url is not None:
-        wanted.append(_Wanted(url, url, expected, False, f"resnet fetch --url {url}" + (f" --sha256 {expected}" if expected else "")))
+        download.check_url(url)
+    expected = download.parse_sha256(sha256) if sha256 is not None else None
+    cap = download.parse_size(size, "--size") if size is not None else None
+    if cap is not None and url is None:
+        raise UsageError("--size is for --url files; torchvision's weights are capped at their published size")
+    if expected and not (url or (from_file and not models)):
+        raise UsageError(
+            "--sha256 is for --url and --from-file files; "
+            "torchvision's weights are checked against the hash in their file name"
+        )
+    settings = download.CacheSettings.from_env(offline=offline, mirror=mirror, timeout=timeout)
+
+    wanted = [
+        _Wanted(
+            spec,
+            choice.pretrained.url,
+            None,
+            True,
+            f"resnet fetch {spec}",
+            download.size_of_mib(choice.pretrained.meta.get("_file_size")),
+        )
+        for spec, choice in _torchvision_weights(models)
+    ]
+    if url is not None:
+        hint = f"resnet fetch --url {redact_url(url)}" + (f" --sha256 {expected}" if expected else "")
+        wanted.append(_Wanted(redact_url(url), url, expected, False, hint, cap))
     elif from_file is not None and not models:
         wanted.append(_Wanted(str(from_file), None, expected, False, ""))
 
     failed = False
     fmt = choose_format(output_format, sys.stdout)
-    with download_progress() as on_progress, RecordWriter(fmt, FETCH_COLUMNS, title=f"weight cache {cache.checkpoint_dir()}") as writer:
+    with (
+        download_progress() as on_progress,
+        RecordWriter(fmt, FETCH_COLUMNS, title=f"weight cache {checkpoint_dir()}") as writer,
+    ):
         for item in wanted:
             try:
                 cached = _obtain(item, from_file, settings, on_progress)
@@ -96,10 +146,16 @@ def fetch(
                 writer.write({"name": item.name, "error": " ".join(str(error).split())})
                 continue
             say(f"{cached.status}: {item.name} -> {cached.path}")
-            writer.write({
-                "name": item.name, "file": cached.name, "size": cached.size,
-                "sha256": cached.sha256, "path": str(cached.path), "status": cached.status,
-            })
+            writer.write(
+                {
+                    "name": item.name,
+                    "file": cached.name,
+                    "size": cached.size,
+                    "sha256": cached.sha256,
+                    "path": str(cached.path),
+                    "status": cached.status,
+                }
+            )
     if failed:
         raise typer.Exit(int(ExitStatus.WEIGHTS_UNAVAILABLE))
 
@@ -114,7 +170,9 @@ def _torchvision_weights(specs: list[str]):
         arch, _, weights = spec.partition(":")
         choice = resolve_weights(arch, weights or None)
         if choice.kind != "pretrained":
-            raise UsageError(f"{spec}: fetch takes torchvision weights names (ARCH or ARCH:WEIGHTS); use --url for a URL")
+            raise UsageError(
+                f"{spec}: fetch takes torchvision weights names (ARCH or ARCH:WEIGHTS); use --url for a URL"
+            )
         resolved.append((f"{choice.arch}:{choice.name}", choice))
     return resolved
 
@@ -128,60 +186,148 @@ class _Wanted:
     sha256: Optional[str]  # None: the hash in the file name
     mirrored: bool  # torchvision's weights go to --mirror; a user's URL is fetched as given
     fetch_hint: str
+    size: Optional[int] = None  # the most bytes the download may have
 
 
 def _obtain(wanted: _Wanted, from_file: Optional[Path], settings, on_progress):
     """Import `from_file` as the wanted file, or download it; either way verified before it is cached."""
-    from resnetcli import cache
+    from resnetcli import download
 
     if from_file is not None:
-        file_name = cache.file_name_of(wanted.url) if wanted.url else None
-        return cache.import_file(from_file, file_name, sha256=wanted.sha256)
+        file_name = download.file_name_of(wanted.url) if wanted.url else None
+        return download.import_file(from_file, file_name, sha256=wanted.sha256)
     assert wanted.url is not None
-    return cache.download(
-        wanted.url, sha256=wanted.sha256, settings=settings, on_progress=on_progress, fetch_hint=wanted.fetch_hint, mirrored=wanted.mirrored
+    return download.download(
+        wanted.url,
+        sha256=wanted.sha256,
+        size=wanted.size,
+        settings=settings,
+        on_progress=on_progress,
+        fetch_hint=wanted.fetch_hint,
+        mirrored=wanted.mirrored,
+        on_wait=lambda name: say(f"waiting for another process that is downloading {name}"),
     )
+
+
+def _empty_cache(fmt, columns: list[str]) -> bool:
+    """Say so when the cache holds no file, before anything heavy is imported; machine formats stay valid."""
+    from resnetcli.inventory import cached_files
+    from resnetcli.store import checkpoint_dir
+
+    if cached_files():
+        return False
+    say(f"the cache is empty ({checkpoint_dir()})")
+    if fmt is not OutputFormat.table:
+        with RecordWriter(fmt, columns):
+            pass  # JSON: [], CSV/TSV: the header, JSONL: nothing
+    return True
+
+
+def _weights_labels() -> dict[str, list[str]]:
+    """Which torchvision ARCH:WEIGHTS each weights file name belongs to, from the weights enums' URLs."""
+    from resnetcli.registry import architecture_names, weights_enum, weights_file_name
+
+    owners: dict[str, list[str]] = {}
+    for arch in architecture_names():
+        for weights in weights_enum(arch):  # Iterating an enum skips its aliases (DEFAULT).
+            owners.setdefault(weights_file_name(weights), []).append(f"{arch}:{weights.name}")
+    return owners
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB"  # MiB, as torchvision's file sizes (`list`)
+
+
+def _print_list_table(listed: list) -> None:
+    """The terminal view of `cache list`: name, size in MiB, owners, the hash's first 8 digits; the folder in the title.
+
+    Numbers and hashes never wrap; a long file name or label is cut with an ellipsis rather than
+    folded; the machine formats keep every field (full hash, source URL, path).
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from resnetcli.store import checkpoint_dir
+
+    sizes = [_megabytes(item.size) for item in listed]
+    hashes = [(item.sha256[:8] + "\N{HORIZONTAL ELLIPSIS}") if item.sha256 else "" for item in listed]
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 100_000)
+    size_width = max(len("size"), *(len(text) for text in sizes))
+    # What is left after the borders and padding (13), the size and the hash (9): the file name (what
+    # `cache rm` takes) first, the weights the rest; either is cut with an ellipsis, never folded.
+    free = max(console.width - 13 - size_width - 9, 24)
+    name_width = min(max(len(item.name) for item in listed), free - 12)
+    table = Table(title=f"weight cache {checkpoint_dir()}", title_justify="left", header_style="bold")
+    table.add_column("file", overflow="ellipsis", no_wrap=True, max_width=name_width)
+    table.add_column("size", justify="right", no_wrap=True, min_width=size_width)
+    table.add_column("weights", overflow="ellipsis", no_wrap=True, max_width=free - name_width)
+    table.add_column("sha256", no_wrap=True, min_width=9)
+    for item, size, sha in zip(listed, sizes, hashes):
+        table.add_row(Text(item.name), size, Text(", ".join(item.weights)), sha)
+    console.print(table)
+    mine = [item.name for item in listed if not item.weights]
+    if mine:
+        console.print(Text(f"Use a file that is not torchvision's by its name: --weights {mine[0]}"), soft_wrap=True)
 
 
 @cache_app.command("list")
 def list_cache(output_format: FormatOption = None) -> None:
     """The cached weight files: size, which ARCH:WEIGHTS each belongs to, recorded sha256 and source URL."""
-    from resnetcli import cache
+    from resnetcli.inventory import listing
 
-    owners = cache.weights_by_file_name()
     fmt = choose_format(output_format, sys.stdout)
-    with RecordWriter(fmt, LIST_COLUMNS, title=f"weight cache {cache.checkpoint_dir()}") as writer:
-        for path in cache.cached_files():
-            described, source = cache.describe(path)
-            writer.write({
-                "file": described.name, "size": described.size, "weights": owners.get(described.name, []),
-                "sha256": described.sha256, "source": source, "path": str(path),
-            })
+    if _empty_cache(fmt, LIST_COLUMNS):
+        return
+    listed = listing(_weights_labels())
+    for item in listed:
+        if item.problem:
+            warn(f"{item.path}: {item.problem}; `resnet cache verify {item.name}` checks the file and rewrites it")
+    if fmt is OutputFormat.table:
+        _print_list_table(listed)
+        return
+    with RecordWriter(fmt, LIST_COLUMNS) as writer:
+        for item in listed:
+            writer.write(item.record())
 
 
 @cache_app.command("verify")
 def verify_cache(
-    names: Annotated[Optional[List[str]], typer.Argument(help="Files to verify (default: all).", metavar="NAME", show_default=False)] = None,
+    names: Annotated[
+        Optional[List[str]], typer.Argument(help="Files to verify (default: all).", metavar="NAME", show_default=False)
+    ] = None,
     output_format: FormatOption = None,
 ) -> None:
-    """Hash cached files in full against their records (or file-name prefix); exit 3 if any is corrupt."""
-    from resnetcli import cache
+    """Hash cached files in full against their records (or file-name prefix); exit 3 if any is corrupt.
 
-    paths, missing = _cached_paths(names) if names else (cache.cached_files(), 0)
-    corrupt = 0
+    Partial files left by interrupted downloads are reported too (`resnet cache rm --partials` removes them).
+    """
+    from resnetcli import inventory
+    from resnetcli.store import checkpoint_dir
+
     fmt = choose_format(output_format, sys.stdout)
-    with RecordWriter(fmt, VERIFY_COLUMNS, title=f"weight cache {cache.checkpoint_dir()}") as writer:
-        for path in paths:
-            result = cache.verify(path)
-            if result.status == "corrupt":
-                corrupt += 1
-                say(f"error: {path}: corrupt ({result.problem}); remove it with `resnet cache rm {result.name}` and fetch it again")
-            elif result.status == "unverifiable":
-                warn(f"{path}: cannot be verified ({result.problem})")
-            writer.write({
-                "file": result.name, "size": result.size, "sha256": result.sha256,
-                "status": result.status, "problem": result.problem, "path": str(path),
-            })
+    stale = [] if names else inventory.stale_partials()
+    if not names and not stale and _empty_cache(fmt, VERIFY_COLUMNS):
+        return
+    paths, missing = _cached_paths(names) if names else (inventory.cached_files(), 0)
+    corrupt = 0
+    results = []
+    for path in paths:
+        result = inventory.verify(path)
+        if result.status == "corrupt":
+            corrupt += 1
+            say(
+                f"error: {path}: corrupt ({result.problem}); remove it with `resnet cache rm {result.name}` "
+                "and fetch it again"
+            )
+        elif result.status == "unverifiable":
+            warn(f"{path}: cannot be verified ({result.problem})")
+        elif result.problem:
+            warn(f"{path}: {result.problem}")
+        results.append(result)
+    for result in stale:
+        warn(f"{result.path}: stale partial file ({result.problem})")
+    _write_records(fmt, VERIFY_COLUMNS, [r.record() for r in results + stale], f"weight cache {checkpoint_dir()}")
     if corrupt:
         raise typer.Exit(int(ExitStatus.WEIGHTS_UNAVAILABLE))
     if missing:
@@ -190,32 +336,63 @@ def verify_cache(
 
 @cache_app.command("rm")
 def remove_cache(
-    names: Annotated[Optional[List[str]], typer.Argument(help="Files to remove, as `resnet cache list` names them.", metavar="NAME", show_default=False)] = None,
-    all_files: Annotated[bool, typer.Option("--all", help="Remove every cached weight file, record and abandoned partial download.")] = False,
+    names: Annotated[
+        Optional[List[str]],
+        typer.Argument(help="Files to remove, as `resnet cache list` names them.", metavar="NAME", show_default=False),
+    ] = None,
+    all_files: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Remove every cached weight file, record, lock and abandoned partial download "
+            "(a download in progress is left alone).",
+        ),
+    ] = False,
+    partials: Annotated[
+        bool, typer.Option("--partials", help="Remove the partial files of interrupted downloads only.")
+    ] = False,
     output_format: FormatOption = None,
 ) -> None:
     """Remove cached weight files and their records."""
-    from resnetcli import cache
+    from resnetcli import inventory
     from resnetcli.errors import UsageError
+    from resnetcli.store import checkpoint_dir
 
-    if all_files == bool(names):
-        raise UsageError("give the NAMEs of files to remove, or --all (not both)")
-    paths, missing = (cache.cached_files(), 0) if all_files else _cached_paths(names or [])
+    if (all_files or partials) == bool(names) or (all_files and partials):
+        raise UsageError("give the NAMEs of files to remove, or --all, or --partials (one of them)")
     fmt = choose_format(output_format, sys.stdout)
-    with RecordWriter(fmt, RM_COLUMNS, title=f"weight cache {cache.checkpoint_dir()}") as writer:
-        for path in paths:
-            removed = cache.remove(path)
-            writer.write({"file": removed.name, "size": removed.size, "status": removed.status, "path": str(removed.path)})
-    if all_files:
-        cache.remove_leftovers()
+    missing = 0
+    if partials:
+        records = [_removed(item) for item in inventory.remove_partials()]
+    else:
+        paths, missing = (inventory.cached_files(), 0) if all_files else _cached_paths(names or [])
+        records = [_removed(inventory.remove(path)) for path in paths]
+        if all_files:
+            inventory.remove_leftovers()
+    if not records and fmt is OutputFormat.table and (all_files or partials):
+        say(f"nothing to remove ({checkpoint_dir()})")
+    _write_records(fmt, RM_COLUMNS, records, f"weight cache {checkpoint_dir()}")
     if missing:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
 
 
+def _removed(item) -> dict:
+    return {"file": item.name, "size": item.size, "status": item.status, "path": str(item.path)}
+
+
+def _write_records(fmt, columns: list[str], records: list[dict], title: str) -> None:
+    """Write the records; a table only when there is a row to show (an error alone needs no empty table)."""
+    if fmt is OutputFormat.table and not records:
+        return
+    with RecordWriter(fmt, columns, title=title) as writer:
+        for record in records:
+            writer.write(record)
+
+
 def _cached_paths(names: list[str]) -> tuple[list[Path], int]:
     """The cached files `names` name; each unknown name is reported on stderr and counted."""
-    from resnetcli.cache import cached_file
     from resnetcli.errors import InputError
+    from resnetcli.inventory import cached_file
 
     paths, missing = [], 0
     for name in names:
