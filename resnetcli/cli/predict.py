@@ -14,6 +14,7 @@ from typing_extensions import Annotated
 from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
 from resnetcli.errors import ExitStatus
+from resnetcli.urls import is_url
 
 PREDICT_COLUMNS = ["input", "arch", "weights", "rank", "index", "label", "prob", "error"]
 
@@ -93,11 +94,14 @@ class ProgressReport:
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
             )
+            # The task gets its counts before the line starts, so its first frame already has them.
+            self._task = self._progress.add_task("predict", total=None, completed=self.done, failed=self.failed, rate=self._rate())
             self._progress.start()
-            self._task = self._progress.add_task("predict", total=None, failed=0, rate="-")
-        if self._progress is not None:
-            rate = self.done / max(time.monotonic() - self.started, 1e-9)
-            self._progress.update(self._task, completed=self.done, failed=self.failed, rate=f"{rate:.1f}")
+        elif self._progress is not None:
+            self._progress.update(self._task, completed=self.done, failed=self.failed, rate=self._rate())
+
+    def _rate(self) -> str:
+        return f"{self.done / max(time.monotonic() - self.started, 1e-9):.1f}"
 
     def __enter__(self) -> "ProgressReport":
         return self
@@ -109,25 +113,19 @@ class ProgressReport:
 
 
 #: `--output` file suffixes that choose a format when `--format` is not given.
-SUFFIX_FORMATS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl, ".csv": OutputFormat.csv, ".tsv": OutputFormat.tsv}
-
-
-def open_output(path: Optional[Path]) -> IO[str]:
-    """The stream records go to: stdout, or `--output FILE` opened for writing."""
-    from resnetcli.errors import UsageError
-
-    if path is None:
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8", newline="")
-    except OSError as error:
-        raise UsageError(f"--output {path}: cannot write: {error.strerror or error}") from None
+SUFFIX_FORMATS = {
+    ".json": OutputFormat.json,
+    ".jsonl": OutputFormat.jsonl,
+    ".ndjson": OutputFormat.jsonl,
+    ".csv": OutputFormat.csv,
+    ".tsv": OutputFormat.tsv,
+}
 
 
 def counted_inputs(inputs: List[str], shard_spec: Optional[tuple[int, int]]) -> Optional[int]:
     """How many images the command line names, when it names them one by one (files and URLs);
     None when a folder, glob or stdin makes the count unknown before they are read."""
-    if not all(text.lower().startswith(("http://", "https://")) or Path(text).is_file() for text in inputs):
+    if not all(is_url(text) or Path(text).is_file() for text in inputs):
         return None
     if shard_spec is None:
         return len(inputs)
@@ -181,56 +179,76 @@ def predict(
     mirror: MirrorOption = None,
 ) -> None:
     """Classify images: the top-k ImageNet classes (or a checkpoint's own classes) with probabilities."""
+    import threading
+    import warnings
+
+    from PIL import Image
+
+    from resnetcli.cli.outfile import RecordsOutput
+    from resnetcli.cli.predict_table import print_predictions
+    from resnetcli.fastpath import configure_threads
+    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
-    from resnetcli.fastpath import configure_threads
-    from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
     from resnetcli.registry import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
     preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
-    configure_threads(threads)
-    settings = cache_settings(offline, mirror)
-    with download_progress() as on_progress:
-        loaded = load_model(
-            arch,
-            weights,
-            labels=read_labels(labels) if labels else None,
-            settings=settings,
-            on_progress=on_progress,
-        )
-    for note in loaded.notes:
-        warn(note)
-    set_preprocessing(loaded, preprocess_with, input_size=input_size, resize=resize)
-
-    items = expand_inputs(inputs, recursive=recursive, stdin=sys.stdin.buffer if "-" in inputs else None, null=null)
-    if shard_spec is not None:
-        items = take_shard(items, *shard_spec)
-    stream = open_output(output)
-    if output_format is None and output is not None:
-        output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
-    fmt = choose_format(output_format, stream)
-    # Records streaming to the same terminal would tear through a live progress line.
-    streams_to_terminal = fmt not in (OutputFormat.table, OutputFormat.json) and stream.isatty()
-    report = ProgressReport(enabled=sys.stderr.isatty() and not streams_to_terminal)
-    predictions = run_predictions(
-        loaded,
-        items,
-        top=top,
-        batch_size=batch_size,
-        threshold=threshold,
-        workers=workers,
-        device=chosen_device,
-        offline=settings.offline,
-        timeout=settings.timeout,
-        expected_count=counted_inputs(inputs, shard_spec),
-    )
-    title = f"{loaded.arch} ({loaded.weights.name})"
+    stdin = sys.stdin.buffer if "-" in inputs else None
+    target = RecordsOutput(output)
     try:
+        target.refuse_inputs(inputs, stdin)
+        configure_threads(threads)
+        settings = cache_settings(offline, mirror)
+        with download_progress() as on_progress:
+            loaded = load_model(
+                arch,
+                weights,
+                labels=read_labels(labels) if labels else None,
+                settings=settings,
+                on_progress=on_progress,
+            )
+        for note in loaded.notes:
+            warn(note)
+        # The model side is settled here, once; the pipeline below only runs it.
+        classifier = torch_classifier(
+            loaded,
+            transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
+            device=chosen_device,
+            batch_size=batch_size,
+            expected_count=counted_inputs(inputs, shard_spec),
+        )
+        cancel = threading.Event()
+        items = expand_inputs(inputs, recursive=recursive, stdin=stdin, null=null, cancel=cancel)
+        if shard_spec is not None:
+            items = take_shard(items, *shard_spec)
+        stream = target.stream
+        if output_format is None and output is not None:
+            output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
+        fmt = choose_format(output_format, stream)
+        # Records streaming to the same terminal would tear through a live progress line.
+        streams_to_terminal = fmt not in (OutputFormat.table, OutputFormat.json) and stream.isatty()
+        report = ProgressReport(enabled=sys.stderr.isatty() and not streams_to_terminal)
+        predictions = run_predictions(
+            classifier,
+            target.screen(items),
+            top=top,
+            batch_size=batch_size,
+            threshold=threshold,
+            workers=workers,
+            offline=settings.offline,
+            timeout=settings.timeout,
+            cancel=cancel,
+        )
+        title = f"{classifier.arch} ({classifier.weights})"
+        writer = RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title, table=print_predictions)
         # Exits run inner first: the progress line stops before a table or JSON document is
-        # written, and the workers stop last.
-        with closing(predictions), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer, report:
+        # written, and the workers stop last. images.load_image refuses oversized images itself:
+        # Pillow's warning would only add a second, unformatted line on stderr. The filter is
+        # scoped to this call, and no generator yields while it holds.
+        with warnings.catch_warnings(), closing(predictions), writer, report:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             for prediction in predictions:
                 writer.write(prediction.record())
                 report.update(failed=prediction.error is not None)
@@ -239,8 +257,9 @@ def predict(
                     if strict:
                         say("stopped at the first failure (--strict)")
                         break
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
+        target.commit()
+    except BaseException:
+        target.abandon()
+        raise
     if report.failed:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
