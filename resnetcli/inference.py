@@ -132,7 +132,11 @@ def torch_classifier(
     def classify(tensors: Sequence[torch.Tensor]):
         with torch.inference_mode():
             logits = model(torch.stack(list(tensors)))
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    def rank(probabilities: torch.Tensor, k: int):
+        values, indices = torch.topk(probabilities, k, dim=1)
+        return values.numpy(), indices.numpy()
 
     return Classifier(
         arch=loaded.arch,
@@ -140,5 +144,6 @@ def torch_classifier(
         categories=tuple(loaded.categories),
         preprocess=preprocess,
         classify=classify,
+        rank=rank,
         details={"device": device, "transforms": transforms, "model": model},
     )

@@ -70,7 +70,8 @@ class Classifier:
 
     `preprocess(image)` turns an RGB `PIL.Image` into one model input (it runs in the decoder
     threads; it may raise `images.ImageRefused`); `classify(inputs)` turns a list of those into a
-    (len(inputs), len(categories)) array-like of probabilities (it runs in the caller's thread).
+    (len(inputs), len(categories)) array-like of probabilities (it runs in the caller's thread);
+    `rank`, if given, is the runtime's top-k over that array (see `top_classes`).
     """
 
     arch: str
@@ -78,28 +79,44 @@ class Classifier:
     categories: tuple[str, ...]
     preprocess: Callable[[Any], Any]
     classify: Callable[[Sequence[Any]], Any]
+    rank: Callable[[Any, int], tuple[Any, Any]] | None = None
     details: dict = field(default_factory=dict)
 
 
-def top_classes(probabilities, categories: Sequence[str], k: int, threshold: float = 0.0) -> list[tuple[ClassScore, ...] | None]:
-    """The k most probable classes of each row of a (batch, classes) probability array (numpy or
-    anything `numpy.asarray` takes); None for a row holding a NaN or an infinity."""
+def top_classes(
+    probabilities,
+    categories: Sequence[str],
+    k: int,
+    threshold: float = 0.0,
+    rank: Callable[[Any, int], tuple[Any, Any]] | None = None,
+) -> list[tuple[ClassScore, ...] | None]:
+    """The k most probable classes of each row of a (batch, classes) probability array (numpy, or
+    anything `numpy.asarray` takes); None for a row holding a NaN or an infinity.
+
+    `rank(probabilities, k)` gives the (values, indices) of each row's k largest, largest first;
+    by default numpy's stable sort (ties in index order). A runtime passes its own top-k so that
+    ties (exact zeros far down a saturated softmax) come out in the order its users expect.
+    """
     import numpy as np
 
-    rows = np.asarray(probabilities, dtype=np.float32)
+    rows = np.asarray(probabilities)
     k = min(k, rows.shape[1])
+    finite = np.isfinite(rows).all(axis=1)
+    if rank is not None:
+        values, indices = rank(probabilities, k)
+    else:
+        indices = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        values = np.take_along_axis(rows, indices, axis=1)
     ranked: list[tuple[ClassScore, ...] | None] = []
-    for row in rows:
-        if not np.isfinite(row).all():
-            ranked.append(None)
-            continue
-        indices = np.argsort(-row, kind="stable")[:k]
+    for ok, row_values, row_indices in zip(finite, np.asarray(values).tolist(), np.asarray(indices).tolist()):
         ranked.append(
             tuple(
-                ClassScore(rank, int(index), categories[int(index)], round(float(row[index]), 6))
-                for rank, index in enumerate(indices, start=1)
-                if float(row[index]) >= threshold
+                ClassScore(position, index, categories[index], round(prob, 6))
+                for position, (prob, index) in enumerate(zip(row_values, row_indices), start=1)
+                if prob >= threshold
             )
+            if ok
+            else None
         )
     return ranked
 
@@ -239,7 +256,7 @@ def predict(
     def run(batch: list[tuple[Input, Future | None]]) -> Iterator[Prediction]:
         outcomes = [outcome(item, future) for item, future in batch]
         tensors = [o for o in outcomes if not isinstance(o, str)]
-        ranked = iter(top_classes(classifier.classify(tensors), classifier.categories, top, threshold) if tensors else [])
+        ranked = iter(top_classes(classifier.classify(tensors), classifier.categories, top, threshold, classifier.rank) if tensors else [])
         for (item, _), result in zip(batch, outcomes):
             name = shown(item.source)
             if not isinstance(result, str):

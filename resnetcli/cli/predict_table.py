@@ -24,8 +24,8 @@ MAX_CLASS_WIDTH = 24
 MIN_INPUT_WIDTH = 16
 #: The "next" column is dropped when less room than this is left for it.
 MIN_NEXT_WIDTH = 12
-#: Characters between columns (rich's padding of one on each side of a column divider).
-GAP = 2
+#: Characters between columns: rich's padding of one on each side of the (blank) column divider.
+GAP = 3
 
 
 def shorten_left(text: str, width: int) -> str:
@@ -84,7 +84,7 @@ def print_predictions(records: list[dict], title: Optional[str], stream: IO[str]
     if title:
         table.title = shorten_left(_text(title), width) if width else _text(title)
     table.add_column("input", no_wrap=True, width=input_width if width else None)
-    table.add_column("class", no_wrap=True, overflow="ellipsis", max_width=class_width if width else None)
+    table.add_column("class", no_wrap=True, overflow="ellipsis", width=class_width if width else None)
     table.add_column("prob", justify="right", no_wrap=True, width=PROB_WIDTH)
     if show_next:
         table.add_column("next", no_wrap=True, overflow="ellipsis", width=next_width)
