@@ -11,7 +11,8 @@ pipeline and probabilities agree within 1e-3 (tests/test_fastpath.py).
   returned object takes the same float32 NCHW batches as the original and returns float32 logits.
 - `configure_threads(threads)`: one intra-op thread per CPU this process may use, one inter-op
   thread, so that processes confined to a share of the machine do not oversubscribe it.
-- `draft_short_side(transforms)` for `images.load_image(..., draft_short_side=...)`: opt-in. Decodes a JPEG at a reduced DCT scale when it is much
+- `draft_short_side(transforms)` for `images.load_image(..., draft_short_side=...)`: opt-in. Decodes
+  a JPEG at a reduced DCT scale when it is much
   larger than the preprocessing's resize target (Pillow's draft mode): several times faster for
   photos of several megapixels, with the same top-5 labels on the test photos, but probabilities
   that move by up to about 1e-2, more than the 1e-3 the default path keeps.
@@ -77,10 +78,14 @@ def plan_for(device: str = "cpu", *, images: int | None = None) -> InferencePlan
     if torch.device(device).type == "cpu":
         # Channels-last stays off: the oneDNN graph is as fast without it, and an eager
         # channels-last model is many times slower on batches of one.
-        return InferencePlan(device=device, channels_last=False, torchscript_onednn=images is None or images >= GRAPH_MIN_IMAGES)
+        return InferencePlan(
+            device=device, channels_last=False, torchscript_onednn=images is None or images >= GRAPH_MIN_IMAGES
+        )
     # On a GPU, half precision is what uses the tensor cores; batch norm is folded in float32
     # before the cast, so the folded weights are rounded once.
-    return InferencePlan(device=device, dtype="float16", channels_last=True, torchscript_onednn=False, fold_batchnorm=True)
+    return InferencePlan(
+        device=device, dtype="float16", channels_last=True, torchscript_onednn=False, fold_batchnorm=True
+    )
 
 
 class InferenceModel:
@@ -94,7 +99,9 @@ class InferenceModel:
     into an int, a branch taken) as constants. That batch's answer is the eager model's.
     """
 
-    def __init__(self, model: Any, plan: InferencePlan, levers: Sequence[str], graph: Any = None, traced_batch: int = 1):
+    def __init__(
+        self, model: Any, plan: InferencePlan, levers: Sequence[str], graph: Any = None, traced_batch: int = 1
+    ):
         self.model = model
         self._eager = model
         self.plan = plan
@@ -121,7 +128,9 @@ class InferenceModel:
             with onednn_fusion():
                 return self.model(batch).float()
         except Exception as error:  # noqa: BLE001 - a graph that passed its checks failing later: stay eager
-            log.debug("the traced graph failed (%s: %s); running the eager model from now on", type(error).__name__, error)
+            log.debug(
+                "the traced graph failed (%s: %s); running the eager model from now on", type(error).__name__, error
+            )
             self.model = self._eager
             self._levers.remove("torchscript_onednn")
             return self.model(batch).float()
@@ -139,7 +148,9 @@ class InferenceModel:
                 with onednn_fusion():
                     got = graph(batch)
             except Exception as error:  # noqa: BLE001 - a specialised trace fails in many ways on other shapes
-                log.debug("the traced graph failed on run %d (%s: %s); staying eager", run + 1, type(error).__name__, error)
+                log.debug(
+                    "the traced graph failed on run %d (%s: %s); staying eager", run + 1, type(error).__name__, error
+                )
                 return expected
             matches = isinstance(got, torch.Tensor) and got.shape == expected.shape
             if not (matches and torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * scale)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import math
 import os
 import socket
@@ -16,6 +17,8 @@ from typing import Callable
 
 from resnetcli.errors import InputError
 from resnetcli.urls import is_url, redact_url, split_credentials
+
+log = logging.getLogger(__name__)
 
 #: Background that transparent pixels are composited on: mid-grey, which the ImageNet
 #: normalisation maps close to zero, so transparency neither brightens nor darkens an image.
@@ -37,7 +40,9 @@ class ImageRefused(ValueError):
     an `InputError` of the input."""
 
 
-def load_image(source: str | Path, *, offline: bool = False, timeout: float = 30.0, draft_short_side: int | None = None):
+def load_image(
+    source: str | Path, *, offline: bool = False, timeout: float = 30.0, draft_short_side: int | None = None
+):
     """Open an image file or http(s) URL as an upright RGB `PIL.Image`, or raise `InputError` naming it.
 
     The format is recognised from the content, not the extension. EXIF orientation is applied;
@@ -175,7 +180,9 @@ def refuse_truncated_jpeg(image, name: str) -> None:
     needed = blocks * JPEG_MIN_BITS_PER_BLOCK // 8
     if size < needed:
         raise InputError(
-            name, f"cannot decode image: truncated (a {width}x{height} JPEG needs at least {needed} bytes, the file has {size})"
+            name,
+            f"cannot decode image: truncated (a {width}x{height} JPEG needs at least {needed} bytes, "
+            f"the file has {size})",
         )
 
 
@@ -215,7 +222,8 @@ def refuse_oversized(image, name: str) -> None:
     width, height = image.size
     if limit is not None and width * height > limit:
         raise InputError(
-            name, f"refused as a possible decompression bomb ({width}x{height} = {width * height} pixels, limit {limit})"
+            name,
+            f"refused as a possible decompression bomb ({width}x{height} = {width * height} pixels, limit {limit})",
         )
 
 
@@ -242,7 +250,8 @@ def is_image_file(path: str) -> bool:
             return True
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return True
-    except Exception:  # noqa: BLE001 - any failure to identify means "not an image"
+    except Exception as error:  # noqa: BLE001 - any failure to identify means "not an image"
+        log.debug("%s is not taken as an image: %s: %s", path, type(error).__name__, error)
         return False
 
 

@@ -165,7 +165,9 @@ def _expand_path(path: str, recursive: bool, cancel: threading.Event) -> Iterato
         yield Input(path, f"is a directory with no image files {where}")
 
 
-def _walk(folder: str, recursive: bool, ancestors: frozenset[tuple[int, int]], cancel: threading.Event) -> Iterator[Input]:
+def _walk(
+    folder: str, recursive: bool, ancestors: frozenset[tuple[int, int]], cancel: threading.Event
+) -> Iterator[Input]:
     try:
         status = os.stat(folder)
         with os.scandir(folder) as scan:

@@ -142,7 +142,9 @@ class _Decoders:
 
     def __init__(self, count: int) -> None:
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=self._work, name=f"resnet-decode-{i}", daemon=True) for i in range(count)]
+        self.threads = [
+            threading.Thread(target=self._work, name=f"resnet-decode-{i}", daemon=True) for i in range(count)
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -256,7 +258,11 @@ def predict(
     def run(batch: list[tuple[Input, Future | None]]) -> Iterator[Prediction]:
         outcomes = [outcome(item, future) for item, future in batch]
         tensors = [o for o in outcomes if not isinstance(o, str)]
-        ranked = iter(top_classes(classifier.classify(tensors), classifier.categories, top, threshold, classifier.rank) if tensors else [])
+        ranked = iter(
+            top_classes(classifier.classify(tensors), classifier.categories, top, threshold, classifier.rank)
+            if tensors
+            else []
+        )
         for (item, _), result in zip(batch, outcomes):
             name = shown(item.source)
             if not isinstance(result, str):

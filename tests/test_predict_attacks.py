@@ -45,7 +45,9 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict:
 
 
 @pytest.mark.parametrize("spelling", ["same", "relative", "absolute", "symlink", "hardlink"])
-def test_output_that_is_an_input_is_refused_whatever_its_spelling(runner, app, model_args, sample_images, tmp_path, monkeypatch, spelling):
+def test_output_that_is_an_input_is_refused_whatever_its_spelling(
+    runner, app, model_args, sample_images, tmp_path, monkeypatch, spelling
+):
     photo = tmp_path / "a.jpg"
     photo.write_bytes(sample_images[0].read_bytes())
     original = photo.read_bytes()
@@ -72,10 +74,20 @@ def test_output_that_is_the_stdin_list_is_refused(tmp_path, sample_images, model
     listing = tmp_path / "list.txt"
     listing.write_text(f"{sample_images[0]}\n")
     with open(listing, "rb") as stdin:
-        done = subprocess.run(command("-", *model_args, "-o", listing), stdin=stdin, capture_output=True, text=True,
-                              env=subprocess_env(tmp_path), cwd=REPO, timeout=120)
+        done = subprocess.run(
+            command("-", *model_args, "-o", listing),
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            env=subprocess_env(tmp_path),
+            cwd=REPO,
+            timeout=120,
+        )
     assert done.returncode == 2
-    assert done.stderr == f"resnet: error: --output {listing} is the file stdin reads the input list from; choose another file\n"
+    assert (
+        done.stderr
+        == f"resnet: error: --output {listing} is the file stdin reads the input list from; choose another file\n"
+    )
     assert listing.read_text() == f"{sample_images[0]}\n"
 
 
@@ -100,8 +112,14 @@ def test_output_inside_an_input_folder_with_an_image_suffix(runner, app, model_a
 def test_an_interrupted_run_leaves_the_previous_output_whole(tmp_path, sample_images, model_args):
     output = tmp_path / "out.jsonl"
     output.write_text('{"old": true}\n')
-    process = subprocess.Popen(command("-", *model_args, "-o", output), stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=subprocess_env(tmp_path), cwd=REPO)
+    process = subprocess.Popen(
+        command("-", *model_args, "-o", output),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(tmp_path),
+        cwd=REPO,
+    )
     try:
         process.stdin.write(f"{sample_images[0]}\n")
         process.stdin.flush()
@@ -125,7 +143,9 @@ def test_an_interrupted_run_leaves_the_previous_output_whole(tmp_path, sample_im
 # 5. extreme aspect ratios, truncated JPEGs, non-finite scores
 
 
-def test_extreme_aspect_ratio_is_an_error_record_and_the_batch_goes_on(runner, app, model_args, sample_images, tmp_path):
+def test_extreme_aspect_ratio_is_an_error_record_and_the_batch_goes_on(
+    runner, app, model_args, sample_images, tmp_path
+):
     from PIL import Image
 
     strip = tmp_path / "strip.png"
@@ -156,7 +176,10 @@ def test_jpeg_whose_header_claims_more_than_the_file_holds_is_an_error(runner, a
     result = run(runner, app, short, *model_args, "--format", "jsonl")
     assert result.exit_code == 1
     assert jsonl(result.stdout) == [
-        {"input": str(short), "error": f"{short}: cannot decode image: truncated (a 5000x5000 JPEG needs at least 48828 bytes, the file has 2002)"}
+        {
+            "input": str(short),
+            "error": f"{short}: cannot decode image: truncated (a 5000x5000 JPEG needs at least 48828 bytes, the file has 2002)",
+        }
     ]
 
 
@@ -170,7 +193,9 @@ def test_non_finite_weights_give_an_error_record(runner, app, steered_resnet18, 
     torch.save(state, checkpoint)
     result = run(runner, app, sample_images[0], "--arch", "resnet18", "--weights", checkpoint, "--format", "jsonl")
     assert result.exit_code == 1
-    assert jsonl(result.stdout) == [{"input": str(sample_images[0]), "error": f"{sample_images[0]}: the model produced non-finite scores"}]
+    assert jsonl(result.stdout) == [
+        {"input": str(sample_images[0]), "error": f"{sample_images[0]}: the model produced non-finite scores"}
+    ]
     assert result.stderr == f"resnet: error: {sample_images[0]}: the model produced non-finite scores\n"
 
 
@@ -186,8 +211,20 @@ def test_fifo_and_device_inputs_are_not_regular_files(runner, app, model_args, s
     outcome = {}
 
     def invoke():
-        outcome["result"] = run(runner, app, fifo, "/dev/zero", "-", sample_images[1], *model_args, "--format", "jsonl",
-                                "--top", "1", input=f"{listed}\n")
+        outcome["result"] = run(
+            runner,
+            app,
+            fifo,
+            "/dev/zero",
+            "-",
+            sample_images[1],
+            *model_args,
+            "--format",
+            "jsonl",
+            "--top",
+            "1",
+            input=f"{listed}\n",
+        )
 
     thread = threading.Thread(target=invoke, daemon=True)
     thread.start()
@@ -241,8 +278,14 @@ class StallingServer:
 def test_ctrl_c_ends_the_run_while_a_worker_waits_on_a_server(tmp_path, model_args):
     server = StallingServer()
     url = f"http://127.0.0.1:{server.port}/cat.jpg"
-    process = subprocess.Popen(command(url, *model_args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=subprocess_env(tmp_path, RESNET_TIMEOUT="600"), cwd=REPO)
+    process = subprocess.Popen(
+        command(url, *model_args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(tmp_path, RESNET_TIMEOUT="600"),
+        cwd=REPO,
+    )
     try:
         assert server.connected.wait(90), "the worker never connected"
         process.send_signal(signal.SIGINT)
@@ -281,8 +324,14 @@ def test_every_network_failure_is_an_error_record(runner, app, model_args, sampl
     assert result.exit_code == 1
     records = jsonl(result.stdout)
     assert [r["input"] for r in records] == [*urls, str(sample_images[1])]
-    assert records[0]["error"] == f"{urls[0]}: cannot fetch: not a valid HTTP answer (BadStatusLine: SSH-2.0-OpenSSH_9.2\r\n)"
-    assert records[1]["error"] == f"{urls[1]}: cannot fetch: not a valid HTTP answer (HTTPException: got more than 100 headers)"
+    assert (
+        records[0]["error"]
+        == f"{urls[0]}: cannot fetch: not a valid HTTP answer (BadStatusLine: SSH-2.0-OpenSSH_9.2\r\n)"
+    )
+    assert (
+        records[1]["error"]
+        == f"{urls[1]}: cannot fetch: not a valid HTTP answer (HTTPException: got more than 100 headers)"
+    )
     assert records[2]["error"] == f"{urls[2]}: cannot fetch: Connection refused"
     assert records[3]["error"] == f"{urls[3]}: cannot fetch: no answer within 1 s"
     assert records[4]["top"][0]["index"] == 281
@@ -349,7 +398,12 @@ def test_non_utf8_file_names_give_valid_utf8_records(tmp_path, sample_images, mo
     missing = folder + b"/gone-\xfe.jpg"
     output = tmp_path / "out.jsonl"
     env = subprocess_env(tmp_path)
-    argv = [*command(*model_args, "--top", "1")[:4], os.fsdecode(name), os.fsdecode(missing), *command(*model_args, "--top", "1")[4:]]
+    argv = [
+        *command(*model_args, "--top", "1")[:4],
+        os.fsdecode(name),
+        os.fsdecode(missing),
+        *command(*model_args, "--top", "1")[4:],
+    ]
     to_stdout = subprocess.run(argv, capture_output=True, env=env, cwd=REPO, timeout=120)
     to_file = subprocess.run([*argv, "-o", str(output)], capture_output=True, env=env, cwd=REPO, timeout=120)
     as_csv = subprocess.run([*argv, "--format", "csv"], capture_output=True, env=env, cwd=REPO, timeout=120)
@@ -358,21 +412,36 @@ def test_non_utf8_file_names_give_valid_utf8_records(tmp_path, sample_images, mo
         records = [json.loads(line) for line in raw.decode("utf-8").splitlines()]  # valid UTF-8 and JSON
         assert [os.fsencode(r["input"]) for r in records] == [name, missing]  # the escape is reversible
         assert records[0]["top"][0]["index"] == 281
-        assert b'caf\\udce9-\\udcff.jpg' in raw
+        assert b"caf\\udce9-\\udcff.jpg" in raw
     csv_text = as_csv.stdout.decode("utf-8")
     assert f"{tmp_path}/caf\\udce9-\\udcff.jpg,1,281," in csv_text
-    assert to_stdout.stderr.decode("utf-8").splitlines() == [f"resnet: error: {tmp_path}/gone-\\udcfe.jpg: no such file"]
+    assert to_stdout.stderr.decode("utf-8").splitlines() == [
+        f"resnet: error: {tmp_path}/gone-\\udcfe.jpg: no such file"
+    ]
 
 
 def test_a_full_disk_is_one_line_and_exit_code_4(tmp_path, sample_images, model_args):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
     env = subprocess_env(tmp_path)
-    as_option = subprocess.run(command(sample_images[1], *model_args, "-o", "/dev/full"), capture_output=True, text=True,
-                               env=env, cwd=REPO, timeout=120)
+    as_option = subprocess.run(
+        command(sample_images[1], *model_args, "-o", "/dev/full"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     with open("/dev/full", "w") as full:
-        redirected = subprocess.run(command(sample_images[1], *model_args), stdout=full, stderr=subprocess.PIPE, text=True,
-                                    env=env, cwd=REPO, timeout=120)
+        redirected = subprocess.run(
+            command(sample_images[1], *model_args),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=120,
+        )
     assert as_option.returncode == redirected.returncode == 4
     assert as_option.stderr == "resnet: error: cannot write the records to /dev/full: No space left on device\n"
     assert redirected.stderr == "resnet: error: cannot write the records to stdout: No space left on device\n"
@@ -384,8 +453,13 @@ def test_csv_on_a_terminal_escapes_control_characters(tmp_path, sample_images, m
     name = tmp_path / "evil\x1b[2J.jpg"
     name.write_bytes(sample_images[1].read_bytes())
     leader, follower = pty.openpty()
-    process = subprocess.Popen(command(name, *model_args, "--top", "1", "--format", "csv"), stdout=follower,
-                               stderr=subprocess.PIPE, env=subprocess_env(tmp_path), cwd=REPO)
+    process = subprocess.Popen(
+        command(name, *model_args, "--top", "1", "--format", "csv"),
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(tmp_path),
+        cwd=REPO,
+    )
     os.close(follower)
     terminal = b""
     while True:
@@ -404,6 +478,12 @@ def test_csv_on_a_terminal_escapes_control_characters(tmp_path, sample_images, m
     text = terminal.decode()
     assert f"{tmp_path}/evil\\x1b[2J.jpg,1,281," in text
     assert "\x1b" not in text
-    piped = subprocess.run(command(name, *model_args, "--top", "1", "--format", "csv"), capture_output=True, text=True,
-                           env=subprocess_env(tmp_path), cwd=REPO, timeout=120)
+    piped = subprocess.run(
+        command(name, *model_args, "--top", "1", "--format", "csv"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(tmp_path),
+        cwd=REPO,
+        timeout=120,
+    )
     assert f"{name},1,281," in piped.stdout  # off a terminal the CSV keeps the name as it is

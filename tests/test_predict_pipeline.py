@@ -84,12 +84,21 @@ def test_the_pipeline_runs_a_classifier_of_another_runtime_without_torch(tmp_pat
         "print(json.dumps(records))\n"
         "print('torch' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=subprocess_env(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=subprocess_env(tmp_path),
+    )
     assert done.returncode == 0, done.stderr
     records_line, torch_line = done.stdout.splitlines()
     records = json.loads(records_line)
-    assert [(Path(r["input"]).name, r["top"][0]["label"]) for r in records] == [("black.png", "dark"), ("white.png", "bright")]
+    assert [(Path(r["input"]).name, r["top"][0]["label"]) for r in records] == [
+        ("black.png", "dark"),
+        ("white.png", "bright"),
+    ]
     assert torch_line == "False"
 
 
@@ -205,8 +214,14 @@ def test_threads_default_to_the_affinity_mask_of_the_process(tmp_path, steered_r
         "import torch\n"
         "print('threads', torch.get_num_threads())\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env=subprocess_env(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=subprocess_env(tmp_path),
+    )
     assert done.returncode == 0, done.stderr
     record, threads = done.stdout.splitlines()
     assert json.loads(record)["top"][0]["index"] == 281
@@ -235,9 +250,15 @@ def test_a_cgroup_cpu_quota_limits_the_thread_count(tmp_path):
 
 @pytest.mark.parametrize("fmt, separator", [("csv", ","), ("tsv", "\t")])
 def test_csv_and_tsv_records_stream_one_by_one(tmp_path, model_args, sample_images, fmt, separator):
-    process = subprocess.Popen(command("-", *model_args, "--format", fmt, "--top", "1", "--batch-size", "4"),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO, env=subprocess_env(tmp_path))
+    process = subprocess.Popen(
+        command("-", *model_args, "--format", fmt, "--top", "1", "--batch-size", "4"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=subprocess_env(tmp_path),
+    )
     try:
         process.stdin.write(f"{sample_images[1]}\n")
         process.stdin.flush()
@@ -278,13 +299,17 @@ def test_no_progress_line_when_records_stream_to_the_same_terminal(tmp_path, mod
     import pty
 
     leader, follower = pty.openpty()
-    process = subprocess.Popen(command(*[sample_images[1]] * 24, *model_args, "--format", "jsonl", "--top", "1"),
-                               stdout=follower, stderr=follower, cwd=REPO,
-                               env=subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"))
+    process = subprocess.Popen(
+        command(*[sample_images[1]] * 24, *model_args, "--format", "jsonl", "--top", "1"),
+        stdout=follower,
+        stderr=follower,
+        cwd=REPO,
+        env=subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"),
+    )
     os.close(follower)
     terminal = read_terminal(leader)
     assert process.wait(timeout=60) == 0
-    records = [json.loads(line[line.index("{"):]) for line in terminal.splitlines() if "{" in line]
+    records = [json.loads(line[line.index("{") :]) for line in terminal.splitlines() if "{" in line]
     assert len(records) == 24 and all(r["top"][0]["index"] == 281 for r in records)
     assert "inputs," not in terminal
 
@@ -293,9 +318,13 @@ def test_the_progress_line_starts_with_real_counts(tmp_path, model_args, sample_
     import pty
 
     leader, follower = pty.openpty()
-    process = subprocess.Popen(command(*[sample_images[1]] * 24, *model_args, "--format", "jsonl", "--top", "1"),
-                               stdout=subprocess.DEVNULL, stderr=follower, cwd=REPO,
-                               env=subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"))
+    process = subprocess.Popen(
+        command(*[sample_images[1]] * 24, *model_args, "--format", "jsonl", "--top", "1"),
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        cwd=REPO,
+        env=subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"),
+    )
     os.close(follower)
     terminal = read_terminal(leader)
     assert process.wait(timeout=60) == 0
@@ -314,8 +343,21 @@ def test_the_table_fits_80_columns(runner, app, steered_resnet18, sample_images,
     long_cat.write_bytes(sample_images[1].read_bytes())
     missing = deep / "missing.jpg"
     monkeypatch.setenv("COLUMNS", "80")
-    result = run(runner, app, long_cat, sample_images[3], missing, "--arch", "resnet18", "--weights",
-                 steered_resnet18.path, "--top", "3", "--format", "table")
+    result = run(
+        runner,
+        app,
+        long_cat,
+        sample_images[3],
+        missing,
+        "--arch",
+        "resnet18",
+        "--weights",
+        steered_resnet18.path,
+        "--top",
+        "3",
+        "--format",
+        "table",
+    )
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, result.stdout
@@ -346,7 +388,10 @@ def test_output_suffixes_choose_the_format(runner, app, model_args, sample_image
         assert result.exit_code == 0, result.stderr
         assert result.stdout == ""
     document = json.loads(outputs["out.json"].read_text())
-    assert [(r["input"], r["top"][0]["index"]) for r in document] == [(str(sample_images[1]), 281), (str(sample_images[3]), 812)]
+    assert [(r["input"], r["top"][0]["index"]) for r in document] == [
+        (str(sample_images[1]), 281),
+        (str(sample_images[3]), 812),
+    ]
     assert jsonl(outputs["out.ndjson"].read_text()) == document
     rows = list(csv.DictReader(io.StringIO(outputs["out.tsv"].read_text()), delimiter="\t"))
     assert [(r["input"], r["index"]) for r in rows] == [(str(sample_images[1]), "281"), (str(sample_images[3]), "812")]

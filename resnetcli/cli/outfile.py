@@ -122,7 +122,9 @@ class RecordsOutput:
                 except (OSError, ValueError, AttributeError):
                     same = False
                 if same:
-                    raise UsageError(f"--output {self.path} is the file stdin reads the input list from; choose another file")
+                    raise UsageError(
+                        f"--output {self.path} is the file stdin reads the input list from; choose another file"
+                    )
             elif not is_url(spec) and self.same_file(spec):
                 raise UsageError(f"--output {self.path} is the input {spec}; choose another file")
 
@@ -135,7 +137,12 @@ class RecordsOutput:
     def screen(self, items: Iterable[Input]) -> Iterator[Input]:
         """The inputs, with any that is the output file turned into an error record."""
         for item in items:
-            if self.identity is not None and item.error is None and not is_url(item.source) and self.same_file(item.source):
+            if (
+                self.identity is not None
+                and item.error is None
+                and not is_url(item.source)
+                and self.same_file(item.source)
+            ):
                 yield Input(item.source, IS_OUTPUT)
             else:
                 yield item

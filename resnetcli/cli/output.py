@@ -145,7 +145,13 @@ class RecordWriter:
         elif self.fmt is OutputFormat.table and self.table is not None:
             self.table(self._records, self.title, self.stream)
         elif self.fmt is OutputFormat.table:
-            print_table(self.columns, [row for record in self._records for row in self.rows(record)], self.title, self.stream, self.console)
+            print_table(
+                self.columns,
+                [row for record in self._records for row in self.rows(record)],
+                self.title,
+                self.stream,
+                self.console,
+            )
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -177,11 +183,30 @@ def print_table(columns: Sequence[str], rows: Iterable[dict], title: str | None,
 
 #: Columns right-aligned in tables.
 NUMERIC_COLUMNS = frozenset(
-    {"rank", "index", "prob", "params", "size", "channels", "stride", "mult_adds", "acc@1", "acc@5", "gflops", "file_mb"}
+    {
+        "rank",
+        "index",
+        "prob",
+        "params",
+        "size",
+        "channels",
+        "stride",
+        "mult_adds",
+        "acc@1",
+        "acc@5",
+        "gflops",
+        "file_mb",
+    }
 )
 
 
-def write_document(fmt: OutputFormat, document: dict, sections: dict[str, tuple[Sequence[str], list[dict]]], primary: str, stream: IO[str] | None = None) -> None:
+def write_document(
+    fmt: OutputFormat,
+    document: dict,
+    sections: dict[str, tuple[Sequence[str], list[dict]]],
+    primary: str,
+    stream: IO[str] | None = None,
+) -> None:
     """Write a report made of several sections (a summary's layers, totals and parameters).
 
     JSON gets the whole document; JSONL, CSV and TSV get the rows of the `primary` section; a

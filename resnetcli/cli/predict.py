@@ -6,12 +6,21 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import IO, List, Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
+from resnetcli.cli.app import (
+    FormatOption,
+    MirrorOption,
+    OfflineOption,
+    app,
+    cache_settings,
+    download_progress,
+    say,
+    warn,
+)
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
 from resnetcli.errors import ExitStatus
 from resnetcli.urls import is_url
@@ -95,7 +104,9 @@ class ProgressReport:
                 console=Console(stderr=True),
             )
             # The task gets its counts before the line starts, so its first frame already has them.
-            self._task = self._progress.add_task("predict", total=None, completed=self.done, failed=self.failed, rate=self._rate())
+            self._task = self._progress.add_task(
+                "predict", total=None, completed=self.done, failed=self.failed, rate=self._rate()
+            )
             self._progress.start()
         elif self._progress is not None:
             self._progress.update(self._task, completed=self.done, failed=self.failed, rate=self._rate())
@@ -138,42 +149,96 @@ def predict(
     inputs: Annotated[
         List[str],
         typer.Argument(
-            help="Image files, folders (searched for images), quoted glob patterns, http(s) URLs, or - to read paths from stdin.",
+            help="Image files, folders (searched for images), quoted glob patterns, http(s) URLs, "
+            "or - to read paths from stdin.",
             metavar="INPUT...",
         ),
     ],
-    arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")] = "resnet50",
+    arch: Annotated[
+        str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")
+    ] = "resnet50",
     weights: Annotated[
         str,
-        typer.Option("--weights", "-w", help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL."),
+        typer.Option(
+            "--weights",
+            "-w",
+            help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL.",
+        ),
     ] = "DEFAULT",
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")] = 0.0,
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")
+    ] = 0.0,
     labels: Annotated[
         Optional[Path],
-        typer.Option("--labels", exists=True, dir_okay=False, help="Class names for a fine-tuned checkpoint: text (one per line) or JSON."),
+        typer.Option(
+            "--labels",
+            exists=True,
+            dir_okay=False,
+            help="Class names for a fine-tuned checkpoint: text (one per line) or JSON.",
+        ),
     ] = None,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders' sub-folders too.")] = True,
-    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive/--no-recursive", help="Search folders' sub-folders too.")
+    ] = True,
+    null: Annotated[
+        bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that fails (exit code 1).")] = False,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", dir_okay=False, help="Write the records to this file instead of stdout (format from --format or the suffix, else jsonl)."),
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            help="Write the records to this file instead of stdout (format from --format or the suffix, else jsonl).",
+        ),
     ] = None,
     shard: Annotated[
         Optional[str],
-        typer.Option("--shard", metavar="I/N", help="Process only shard I of N (1 <= I <= N): the inputs at positions I-1, I-1+N, ..."),
+        typer.Option(
+            "--shard",
+            metavar="I/N",
+            help="Process only shard I of N (1 <= I <= N): the inputs at positions I-1, I-1+N, ...",
+        ),
     ] = None,
     preprocess: Annotated[
         Optional[str],
-        typer.Option("--preprocess", metavar="WEIGHTS", help="Use the preprocessing of this weights name of the architecture (default: the weights' own, or DEFAULT's for a checkpoint)."),
+        typer.Option(
+            "--preprocess",
+            metavar="WEIGHTS",
+            help="Use the preprocessing of this weights name of the architecture "
+            "(default: the weights' own, or DEFAULT's for a checkpoint).",
+        ),
     ] = None,
-    input_size: Annotated[Optional[int], typer.Option("--input-size", min=1, help="Centre-crop size fed to the model.")] = None,
-    resize: Annotated[Optional[int], typer.Option("--resize", min=1, help="Resize the shorter side to this before cropping.")] = None,
+    input_size: Annotated[
+        Optional[int], typer.Option("--input-size", min=1, help="Centre-crop size fed to the model.")
+    ] = None,
+    resize: Annotated[
+        Optional[int], typer.Option("--resize", min=1, help="Resize the shorter side to this before cropping.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Threads decoding and preprocessing images (default: one per core, at most 8).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads torch uses inside each operation (default: the CPUs this process may run on, from its affinity mask).")] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            "-j",
+            min=1,
+            help="Threads decoding and preprocessing images (default: one per core, at most 8).",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")
+    ] = "auto",
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Threads torch uses inside each operation (default: the CPUs this process may run on, "
+            "from its affinity mask and CPU quota).",
+        ),
+    ] = None,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
@@ -242,7 +307,9 @@ def predict(
             cancel=cancel,
         )
         title = f"{classifier.arch} ({classifier.weights})"
-        writer = RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title, table=print_predictions)
+        writer = RecordWriter(
+            fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title, table=print_predictions
+        )
         # Exits run inner first: the progress line stops before a table or JSON document is
         # written, and the workers stop last. images.load_image refuses oversized images itself:
         # Pillow's warning would only add a second, unformatted line on stderr. The filter is

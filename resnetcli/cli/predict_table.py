@@ -106,5 +106,7 @@ def print_predictions(records: list[dict], title: Optional[str], stream: IO[str]
         if show_next:
             cells.append(Text(", ".join(f"{_text(s['label'])} {s['prob']:.4f}" for s in top[1:])))
         table.add_row(*cells)
-    console = Console(file=stream, width=width if width else 100_000, no_color=not getattr(stream, "isatty", lambda: False)())
+    console = Console(
+        file=stream, width=width if width else 100_000, no_color=not getattr(stream, "isatty", lambda: False)()
+    )
     console.print(table)
