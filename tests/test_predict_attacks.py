@@ -414,7 +414,7 @@ def test_non_utf8_file_names_give_valid_utf8_records(tmp_path, sample_images, mo
         assert records[0]["top"][0]["index"] == 281
         assert b"caf\\udce9-\\udcff.jpg" in raw
     csv_text = as_csv.stdout.decode("utf-8")
-    assert f"{tmp_path}/caf\\udce9-\\udcff.jpg,1,281," in csv_text
+    assert f"{tmp_path}/caf\\udce9-\\udcff.jpg,resnet18,{model_args[3]},1,281,tabby," in csv_text
     assert to_stdout.stderr.decode("utf-8").splitlines() == [
         f"resnet: error: {tmp_path}/gone-\\udcfe.jpg: no such file"
     ]
@@ -476,7 +476,7 @@ def test_csv_on_a_terminal_escapes_control_characters(tmp_path, sample_images, m
     os.close(leader)
     assert process.wait(timeout=60) == 0
     text = terminal.decode()
-    assert f"{tmp_path}/evil\\x1b[2J.jpg,1,281," in text
+    assert f"{tmp_path}/evil\\x1b[2J.jpg,resnet18,{model_args[3]},1,281,tabby," in text
     assert "\x1b" not in text
     piped = subprocess.run(
         command(name, *model_args, "--top", "1", "--format", "csv"),
@@ -486,4 +486,19 @@ def test_csv_on_a_terminal_escapes_control_characters(tmp_path, sample_images, m
         cwd=REPO,
         timeout=120,
     )
-    assert f"{name},1,281," in piped.stdout  # off a terminal the CSV keeps the name as it is
+    assert f"{name},resnet18,{model_args[3]},1,281,tabby," in piped.stdout  # off a terminal the CSV keeps the name as it is
+
+
+def test_two_runs_writing_the_same_output_leave_one_whole_result(tmp_path, sample_images, model_args):
+    output = tmp_path / "shared.jsonl"
+    env = subprocess_env(tmp_path)
+    runs = {
+        3: subprocess.Popen(command(*sample_images[:3], *model_args, "--top", "1", "-o", output), env=env, cwd=REPO),
+        5: subprocess.Popen(command(*sample_images, sample_images[0], *model_args, "--top", "1", "-o", output), env=env, cwd=REPO),
+    }
+    assert [process.wait(timeout=180) for process in runs.values()] == [0, 0]
+    records = jsonl(output.read_text())  # every line whole
+    assert len(records) in runs
+    expected = [str(p) for p in sample_images[:3]] if len(records) == 3 else [*map(str, sample_images), str(sample_images[0])]
+    assert [r["input"] for r in records] == expected
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "torch_home") == ["shared.jsonl"]
