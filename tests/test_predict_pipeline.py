@@ -38,7 +38,11 @@ def command(*args) -> list[str]:
 
 
 def subprocess_env(tmp_path: Path, **extra: str) -> dict:
-    return env_without_resnet(TORCH_HOME=str(tmp_path / "torch_home"), PYTHONPATH=str(REPO), **extra)
+    """The environment of a `resnet` subprocess: its own cache, this checkout, and stdout buffered as
+    usual (PYTHONUNBUFFERED would hide a missing flush)."""
+    env = env_without_resnet(TORCH_HOME=str(tmp_path / "torch_home"), PYTHONPATH=str(REPO), **extra)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
 
 
 def pipeline_threads() -> list[str]:
