@@ -16,6 +16,7 @@ class ExitStatus(IntEnum):
     INPUTS_FAILED = 1
     USAGE = 2
     WEIGHTS_UNAVAILABLE = 3
+    OUTPUT_FAILED = 4
     INTERRUPTED = 130
 
 
@@ -51,6 +52,12 @@ class CheckpointError(WeightsUnavailable):
 
 class CacheError(WeightsUnavailable):
     """The weight cache folder cannot be read or written (read-only, full, missing)."""
+
+
+class OutputError(ResnetError):
+    """The records cannot be written (a full disk, a closed or failing output): exit code 4."""
+
+    exit_status = ExitStatus.OUTPUT_FAILED
 
 
 class InputError(ResnetError):

@@ -11,7 +11,8 @@ pipeline and probabilities agree within 1e-3 (tests/test_fastpath.py).
   returned object takes the same float32 NCHW batches as the original and returns float32 logits.
 - `configure_threads(threads)`: one intra-op thread per CPU this process may use, one inter-op
   thread, so that processes confined to a share of the machine do not oversubscribe it.
-- `draft_short_side(transforms)` for `images.load_image(..., draft_short_side=...)`: opt-in. Decodes a JPEG at a reduced DCT scale when it is much
+- `draft_short_side(transforms)` for `images.load_image(..., draft_short_side=...)`: opt-in. Decodes
+  a JPEG at a reduced DCT scale when it is much
   larger than the preprocessing's resize target (Pillow's draft mode): several times faster for
   photos of several megapixels, with the same top-5 labels on the test photos, but probabilities
   that move by up to about 1e-2, more than the 1e-3 the default path keeps.
@@ -21,13 +22,18 @@ torch, torchvision and PIL are imported inside the functions so that importing t
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+log = logging.getLogger(__name__)
 
 #: Draft-mode decoding keeps at least this many times the resize target on the short side, so the
 #: final antialiased resize still downsamples by 2x or more: on the test photos a margin of 1 moved
@@ -72,10 +78,14 @@ def plan_for(device: str = "cpu", *, images: int | None = None) -> InferencePlan
     if torch.device(device).type == "cpu":
         # Channels-last stays off: the oneDNN graph is as fast without it, and an eager
         # channels-last model is many times slower on batches of one.
-        return InferencePlan(device=device, channels_last=False, torchscript_onednn=images is None or images >= GRAPH_MIN_IMAGES)
+        return InferencePlan(
+            device=device, channels_last=False, torchscript_onednn=images is None or images >= GRAPH_MIN_IMAGES
+        )
     # On a GPU, half precision is what uses the tensor cores; batch norm is folded in float32
     # before the cast, so the folded weights are rounded once.
-    return InferencePlan(device=device, dtype="float16", channels_last=True, torchscript_onednn=False, fold_batchnorm=True)
+    return InferencePlan(
+        device=device, dtype="float16", channels_last=True, torchscript_onednn=False, fold_batchnorm=True
+    )
 
 
 class InferenceModel:
@@ -89,7 +99,9 @@ class InferenceModel:
     into an int, a branch taken) as constants. That batch's answer is the eager model's.
     """
 
-    def __init__(self, model: Any, plan: InferencePlan, levers: Sequence[str], graph: Any = None, traced_batch: int = 1):
+    def __init__(
+        self, model: Any, plan: InferencePlan, levers: Sequence[str], graph: Any = None, traced_batch: int = 1
+    ):
         self.model = model
         self._eager = model
         self.plan = plan
@@ -113,8 +125,12 @@ class InferenceModel:
         if self.model is self._eager:
             return self.model(batch).float()
         try:
-            return self.model(batch).float()
-        except Exception:  # noqa: BLE001 - a graph that passed its checks failing later: stay eager
+            with onednn_fusion():
+                return self.model(batch).float()
+        except Exception as error:  # noqa: BLE001 - a graph that passed its checks failing later: stay eager
+            log.debug(
+                "the traced graph failed (%s: %s); running the eager model from now on", type(error).__name__, error
+            )
             self.model = self._eager
             self._levers.remove("torchscript_onednn")
             return self.model(batch).float()
@@ -127,13 +143,18 @@ class InferenceModel:
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         # TorchScript's profiling executor only swaps in the fused (oneDNN) kernels after the first
         # runs, so the graph is checked on every run up to and including its optimised form.
-        for _ in range(GRAPH_CHECK_RUNS):
+        for run in range(GRAPH_CHECK_RUNS):
             try:
-                got = graph(batch)
-            except Exception:  # noqa: BLE001 - a specialised trace fails in many ways on other shapes
+                with onednn_fusion():
+                    got = graph(batch)
+            except Exception as error:  # noqa: BLE001 - a specialised trace fails in many ways on other shapes
+                log.debug(
+                    "the traced graph failed on run %d (%s: %s); staying eager", run + 1, type(error).__name__, error
+                )
                 return expected
             matches = isinstance(got, torch.Tensor) and got.shape == expected.shape
             if not (matches and torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * scale)):
+                log.debug("the traced graph's answer differs from the eager model's on run %d; staying eager", run + 1)
                 return expected
         self.model = graph
         self._levers.append("torchscript_onednn")
@@ -187,7 +208,8 @@ def fold_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 
     try:
         return fuse(model, inplace=True), True
-    except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors for untraceable code
+    except Exception as error:  # noqa: BLE001 - torch.fx raises many kinds of errors for untraceable code
+        log.debug("batch norm not folded: torch.fx cannot trace the model (%s: %s)", type(error).__name__, error)
         return model, False
 
 
@@ -207,10 +229,27 @@ def _freeze_for_onednn(model: torch.nn.Module, example_shape: Sequence[int], pla
         try:
             with torch.no_grad():
                 frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False).eval())
-        except Exception:  # noqa: BLE001 - tracing fails in many ways on dynamic models
+        except Exception as error:  # noqa: BLE001 - tracing fails in many ways on dynamic models
+            log.debug("no traced graph: tracing failed (%s: %s); the eager model runs", type(error).__name__, error)
             return None
-    torch.jit.enable_onednn_fusion(True)
     return frozen
+
+
+@contextmanager
+def onednn_fusion() -> Iterator[None]:
+    """oneDNN Graph fusion on while a traced graph runs, and the previous setting restored after.
+
+    The switch is process-wide in torch; it is turned on only around the graph's calls (the
+    pipeline makes them from one thread), so other models in the process are not affected.
+    """
+    import torch
+
+    before = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(before)
 
 
 def configure_threads(threads: int | None = None) -> int:
@@ -229,15 +268,63 @@ def configure_threads(threads: int | None = None) -> int:
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
-        pass  # already fixed once parallel work has run; the intra-op setting is what matters
+        log.debug("inter-op threads already fixed (parallel work has run); only intra-op threads set")
+    log.debug("torch uses %d intra-op thread(s)", count)
     return count
 
 
-def usable_cpu_count() -> int:
-    """How many CPUs this process may run on (its affinity mask where the platform has one)."""
+#: Where cgroup v2 is mounted on Linux.
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def usable_cpu_count(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """How many CPUs this process may use: its affinity mask (taskset, cpusets, SLURM), further
+    limited by a cgroup v2 CPU quota (`cpu.max`, as `docker --cpus` and Kubernetes limits set),
+    rounded up: a quota of 1.5 CPUs gives 2 threads.
+
+    `cgroup_root` and `proc_cgroup` say where to read the cgroup hierarchy and this process's place
+    in it; the quota of the process's cgroup and of every ancestor up to the root counts.
+    """
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        count = max(1, len(os.sched_getaffinity(0)))
+    else:
+        count = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None and quota < count:
+        log.debug("cgroup CPU quota %.2f CPUs limits threads below the %d CPUs of the affinity mask", quota, count)
+        count = max(1, math.ceil(quota))
+    return count
+
+
+def cgroup_cpu_quota(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The smallest cgroup v2 CPU quota (in CPUs) over this process's cgroup and its ancestors, or
+    None when there is none (no cgroup v2, `max`, unreadable files)."""
+    try:
+        with open(proc_cgroup, encoding="utf-8") as lines:
+            relative = next((line.strip()[3:] for line in lines if line.startswith("0::")), None)
+    except OSError as error:
+        log.debug("no cgroup information (%s)", error)
+        return None
+    if relative is None:
+        return None
+    parts = [part for part in relative.split("/") if part and part not in (".", "..")]
+    quotas = []
+    for depth in range(len(parts), -1, -1):
+        path = os.path.join(cgroup_root, *parts[:depth], "cpu.max")
+        try:
+            with open(path, encoding="ascii") as file:
+                fields = file.read(100).split()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(fields) == 2 and fields[0] != "max":
+            try:
+                quota, period = int(fields[0]), int(fields[1])
+            except ValueError:
+                log.debug("ignored %s: not a cpu.max quota", path)
+                continue
+            if quota > 0 and period > 0:
+                quotas.append(quota / period)
+    return min(quotas) if quotas else None
 
 
 def draft_short_side(transforms: Any) -> int | None:

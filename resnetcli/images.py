@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import io
+import logging
 import math
+import os
 import socket
+import stat
 import urllib.error
 import urllib.request
 from functools import lru_cache
@@ -12,6 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from resnetcli.errors import InputError
+from resnetcli.urls import is_url, redact_url, split_credentials
+
+log = logging.getLogger(__name__)
 
 #: Background that transparent pixels are composited on: mid-grey, which the ImageNet
 #: normalisation maps close to zero, so transparency neither brightens nor darkens an image.
@@ -21,12 +28,21 @@ TRANSPARENCY_BACKGROUND = (128, 128, 128)
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 
 
-def is_url(source: str) -> bool:
-    """Whether an input names an http(s) URL rather than a local path."""
-    return source[:8].lower().startswith(("http://", "https://"))
+#: A JPEG codes at least one bit for every 8x8 block of its luma plane (the DC coefficient, with the
+#: shortest Huffman code libjpeg can make): a file smaller than that cannot hold the image its header
+#: declares, although libjpeg would decode it to grey fill without an error when it ends with a
+#: proper end marker. (Arithmetic-coded JPEGs, which could go lower, are practically never seen.)
+JPEG_MIN_BITS_PER_BLOCK = 1
 
 
-def load_image(source: str | Path, *, offline: bool = False, timeout: float = 30.0, draft_short_side: int | None = None):
+class ImageRefused(ValueError):
+    """A decoded image that preprocessing refuses (its reason is the message); the pipeline makes it
+    an `InputError` of the input."""
+
+
+def load_image(
+    source: str | Path, *, offline: bool = False, timeout: float = 30.0, draft_short_side: int | None = None
+):
     """Open an image file or http(s) URL as an upright RGB `PIL.Image`, or raise `InputError` naming it.
 
     The format is recognised from the content, not the extension. EXIF orientation is applied;
@@ -41,33 +57,71 @@ def load_image(source: str | Path, *, offline: bool = False, timeout: float = 30
     name = str(source)
     if is_url(name):
         if offline:
-            raise InputError(name, "not fetched: downloads are off (offline mode)")
+            raise InputError(redact_url(name), "not fetched: downloads are off (offline mode)")
         data = fetch_bytes(name, timeout)
-        return _decode(name, lambda: io.BytesIO(data), draft_short_side)
-    path = Path(source)
-    if path.is_dir():
-        raise InputError(name, "is a directory, not an image")
-    return _decode(name, lambda: path, draft_short_side)
+        return _decode(redact_url(name), lambda: io.BytesIO(data), draft_short_side)
+    return _decode(name, lambda: open_regular_file(name), draft_short_side)
+
+
+def open_regular_file(name: str):
+    """A binary file object for `name`, or `InputError` when it is not a regular file.
+
+    The file is opened without blocking and its type checked on the open descriptor, so a FIFO,
+    socket or device never blocks a worker (opening a FIFO for reading waits for a writer) and
+    cannot be swapped in between a check and the open.
+    """
+    try:
+        descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(name, "no such file") from None
+    except PermissionError:
+        raise InputError(name, "permission denied") from None
+    except OSError as error:
+        if error.errno == getattr(os, "ENXIO", None):  # a socket, or a FIFO opened this way elsewhere
+            raise InputError(name, "not a regular file") from None
+        raise InputError(name, f"cannot open: {error.strerror or error}") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(name, "is a directory, not an image")
+        if not stat.S_ISREG(mode):
+            raise InputError(name, "not a regular file")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def fetch_bytes(url: str, timeout: float) -> bytes:
     """The body of an http(s) URL, or `InputError` for an HTTP error, no answer or an oversized body."""
-    request = urllib.request.Request(url, headers={"User-Agent": "resnetcli"})
+    shown = redact_url(url)
+    bare, authorization = split_credentials(url)
+    headers = {"User-Agent": "resnetcli"}
+    if authorization:
+        headers["Authorization"] = authorization
     try:
+        request = urllib.request.Request(bare, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except urllib.error.HTTPError as error:
-        raise InputError(url, f"cannot fetch: HTTP {error.code} {error.reason}") from None
+        raise InputError(shown, f"cannot fetch: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
         reason = error.reason
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            raise InputError(shown, f"cannot fetch: no answer within {timeout:g} s") from None
         text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
-        raise InputError(url, f"cannot fetch: {text}") from None
+        raise InputError(shown, f"cannot fetch: {text}") from None
     except (socket.timeout, TimeoutError):
-        raise InputError(url, f"cannot fetch: no answer within {timeout:g} s") from None
+        raise InputError(shown, f"cannot fetch: no answer within {timeout:g} s") from None
+    except http.client.HTTPException as error:
+        # Not an HTTP server, a status line or header that is too long, too many headers, a body
+        # cut short: http.client's own exceptions, outside OSError.
+        raise InputError(shown, f"cannot fetch: not a valid HTTP answer ({type(error).__name__}: {error})") from None
     except (OSError, ValueError) as error:
-        raise InputError(url, f"cannot fetch: {error}") from None
+        raise InputError(shown, f"cannot fetch: {error}") from None
     if len(data) > MAX_DOWNLOAD_BYTES:
-        raise InputError(url, f"refused: larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB")
+        raise InputError(shown, f"refused: larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB")
     return data
 
 
@@ -75,9 +129,11 @@ def _decode(name: str, opener: Callable[[], object], draft_short_side: int | Non
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(opener()) as image:
+        with opener() as stream, Image.open(stream) as image:
             refuse_oversized(image, name)
             image.seek(0)
+            if image.format == "JPEG":
+                refuse_truncated_jpeg(image, name)
             if draft_short_side and image.format == "JPEG":
                 _draft(image, draft_short_side)
             image.load()
@@ -106,6 +162,53 @@ def _draft(image, short_side: int) -> None:
     image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
+def refuse_truncated_jpeg(image, name: str) -> None:
+    """Raise `InputError` for a JPEG file too small to hold the blocks its header declares.
+
+    Pillow's `LOAD_TRUNCATED_IMAGES` stays off, but a truncated JPEG that still ends with an end
+    marker decodes without error to grey fill; the size of the file tells it apart.
+    """
+    stream = image.fp
+    try:
+        size = os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        size = len(stream.getbuffer()) if isinstance(stream, io.BytesIO) else None
+    if size is None:
+        return
+    width, height = image.size
+    blocks = math.ceil(width / 8) * math.ceil(height / 8)
+    needed = blocks * JPEG_MIN_BITS_PER_BLOCK // 8
+    if size < needed:
+        raise InputError(
+            name,
+            f"cannot decode image: truncated (a {width}x{height} JPEG needs at least {needed} bytes, "
+            f"the file has {size})",
+        )
+
+
+def check_resize(size: tuple[int, int], short_side: int) -> None:
+    """Raise `ImageRefused` when resizing an image of `size` so that its shorter side is `short_side`
+    would make an image over Pillow's pixel limit (`PIL.Image.MAX_IMAGE_PIXELS`).
+
+    A 207-byte PNG of 20000x2 pixels would become 2560000x256 (655 million pixels, about 2 GB) on
+    the way to a 224x224 crop. Such inputs are refused rather than resized in pieces: an image a
+    thousand times longer than wide is not a photo a classifier was trained on.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    shorter, longer = min(width, height), max(width, height)
+    if limit is None or shorter == 0:
+        return
+    resized_long = math.ceil(longer * short_side / shorter)
+    if resized_long * short_side > limit:
+        raise ImageRefused(
+            f"refused: resizing {width}x{height} to a shorter side of {short_side} would make "
+            f"{resized_long * short_side} pixels (limit {limit}); the aspect ratio is too extreme"
+        )
+
+
 def refuse_oversized(image, name: str) -> None:
     """Raise `InputError` for an image larger than Pillow's decompression-bomb limit.
 
@@ -119,7 +222,8 @@ def refuse_oversized(image, name: str) -> None:
     width, height = image.size
     if limit is not None and width * height > limit:
         raise InputError(
-            name, f"refused as a possible decompression bomb ({width}x{height} = {width * height} pixels, limit {limit})"
+            name,
+            f"refused as a possible decompression bomb ({width}x{height} = {width * height} pixels, limit {limit})",
         )
 
 
@@ -146,7 +250,8 @@ def is_image_file(path: str) -> bool:
             return True
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return True
-    except Exception:  # noqa: BLE001 - any failure to identify means "not an image"
+    except Exception as error:  # noqa: BLE001 - any failure to identify means "not an image"
+        log.debug("%s is not taken as an image: %s: %s", path, type(error).__name__, error)
         return False
 
 

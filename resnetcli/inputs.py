@@ -9,13 +9,19 @@ the order given, folder entries sorted by name.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
+import select
+import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
 from resnetcli.errors import UsageError
-from resnetcli.images import is_image_file, is_url
+from resnetcli.images import is_image_file
+from resnetcli.urls import is_url
+
+log = logging.getLogger(__name__)
 
 #: The input that means "read paths from stdin".
 STDIN = "-"
@@ -38,6 +44,7 @@ def expand_inputs(
     recursive: bool = True,
     stdin: BinaryIO | None = None,
     null: bool = False,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Input]:
     """Expand inputs lazily into single images, in a deterministic order.
 
@@ -51,25 +58,35 @@ def expand_inputs(
       NUL-separated when `null`;
     - anything else (a file, an http(s) URL, a missing path) is passed on as it is, for the
       decoder to read or report.
+
+    Once `cancel` is set, the expansion stops within about POLL seconds, even while waiting for
+    stdin or walking a large folder (the prediction pipeline sets it when it is closed).
     """
+    cancel = cancel if cancel is not None else threading.Event()
     for spec in specs:
+        if cancel.is_set():
+            return
         if spec == STDIN:
             if stdin is None:
                 raise UsageError("'-' reads paths from stdin, but there is no stdin")
-            for line in read_paths(stdin, null=null):
-                yield from _expand(line, recursive, allow_glob=False)
+            for line in read_paths(stdin, null=null, cancel=cancel):
+                yield from _expand(line, recursive, allow_glob=False, cancel=cancel)
         else:
-            yield from _expand(spec, recursive, allow_glob=True)
+            yield from _expand(spec, recursive, allow_glob=True, cancel=cancel)
 
 
-def read_paths(stream: BinaryIO, *, null: bool = False) -> Iterator[str]:
+#: How often (seconds) a wait for stdin checks whether the expansion was cancelled.
+POLL = 0.1
+
+
+def read_paths(stream: BinaryIO, *, null: bool = False, cancel: threading.Event | None = None) -> Iterator[str]:
     """Paths from a byte stream, one per line (or NUL-separated), each yielded as soon as it is complete.
 
     Paths are decoded as the file system does (undecodable bytes survive); empty entries are
-    skipped, and a line's trailing carriage return is dropped.
+    skipped, and a line's trailing carriage return is dropped. Reading stops once `cancel` is set.
     """
     separator = b"\0" if null else b"\n"
-    read = _reader(stream)
+    read = _reader(stream, cancel)
     pending = b""
     while True:
         chunk = read(_READ_CHUNK)
@@ -86,18 +103,33 @@ def read_paths(stream: BinaryIO, *, null: bool = False) -> Iterator[str]:
         yield path
 
 
-def _reader(stream: BinaryIO):
-    """A function reading what is available, up to n bytes.
+def _reader(stream: BinaryIO, cancel: threading.Event | None = None):
+    """A function reading what is available, up to n bytes (b"" at the end, or once `cancel` is set).
 
     For a real file descriptor this is os.read, not the buffered reader: a thread blocked inside
     a BufferedReader holds its lock, and the interpreter aborts at exit (after Ctrl-C) when it
-    cannot take that lock to flush stdin.
+    cannot take that lock to flush stdin. It waits in steps of POLL seconds (select) so that a
+    cancelled pipeline does not leave a thread blocked on a pipe that stays open.
     """
     try:
         descriptor = stream.fileno()
     except (AttributeError, OSError, ValueError):
         return getattr(stream, "read1", stream.read)
-    return lambda size: os.read(descriptor, size)
+
+    def read(size: int) -> bytes:
+        while cancel is not None and not cancel.is_set():
+            try:
+                readable, _, _ = select.select([descriptor], [], [], POLL)
+            except (OSError, ValueError) as error:  # not selectable (some platforms' files): just read
+                log.debug("stdin cannot be polled (%s); reading it blocking", error)
+                break
+            if readable:
+                break
+        if cancel is not None and cancel.is_set():
+            return b""
+        return os.read(descriptor, size)
+
+    return read
 
 
 def _decode_path(raw: bytes, null: bool) -> str:
@@ -106,7 +138,7 @@ def _decode_path(raw: bytes, null: bool) -> str:
     return os.fsdecode(raw)
 
 
-def _expand(spec: str, recursive: bool, *, allow_glob: bool) -> Iterator[Input]:
+def _expand(spec: str, recursive: bool, *, allow_glob: bool, cancel: threading.Event) -> Iterator[Input]:
     if is_url(spec):
         yield Input(spec)
         return
@@ -115,17 +147,17 @@ def _expand(spec: str, recursive: bool, *, allow_glob: bool) -> Iterator[Input]:
         if not matches:
             yield Input(spec, "no files match this pattern")
         for match in matches:
-            yield from _expand_path(match, recursive)
+            yield from _expand_path(match, recursive, cancel)
         return
-    yield from _expand_path(spec, recursive)
+    yield from _expand_path(spec, recursive, cancel)
 
 
-def _expand_path(path: str, recursive: bool) -> Iterator[Input]:
+def _expand_path(path: str, recursive: bool, cancel: threading.Event) -> Iterator[Input]:
     if not os.path.isdir(path):
         yield Input(path)
         return
     found = False
-    for item in _walk(path, recursive, ancestors=frozenset()):
+    for item in _walk(path, recursive, ancestors=frozenset(), cancel=cancel):
         found = True
         yield item
     if not found:
@@ -133,7 +165,9 @@ def _expand_path(path: str, recursive: bool) -> Iterator[Input]:
         yield Input(path, f"is a directory with no image files {where}")
 
 
-def _walk(folder: str, recursive: bool, ancestors: frozenset[tuple[int, int]]) -> Iterator[Input]:
+def _walk(
+    folder: str, recursive: bool, ancestors: frozenset[tuple[int, int]], cancel: threading.Event
+) -> Iterator[Input]:
     try:
         status = os.stat(folder)
         with os.scandir(folder) as scan:
@@ -144,21 +178,25 @@ def _walk(folder: str, recursive: bool, ancestors: frozenset[tuple[int, int]]) -
     # Following symbolic links to folders is allowed, going round in a loop is not.
     ancestors = ancestors | {(status.st_dev, status.st_ino)}
     for entry in entries:
+        if cancel.is_set():
+            return
         if entry.name.startswith("."):
             continue
         try:
             is_folder = entry.is_dir()
             is_file = not is_folder and entry.is_file()
-        except OSError:
+        except OSError as error:
+            log.debug("skipped %s: %s", entry.path, error)
             continue
         if is_folder:
             if recursive:
                 try:
                     status = entry.stat()
-                except OSError:
+                except OSError as error:
+                    log.debug("skipped folder %s: %s", entry.path, error)
                     continue
                 if (status.st_dev, status.st_ino) not in ancestors:
-                    yield from _walk(entry.path, recursive, ancestors)
+                    yield from _walk(entry.path, recursive, ancestors, cancel)
         elif is_file and is_image_file(entry.path):
             yield Input(entry.path)
 

@@ -1,33 +1,39 @@
-"""Top-k classification of images: plain data in, plain data out.
+"""Top-k classification of images: plain data in, plain data out, whatever runs the model.
 
-The pipeline: a feeder thread walks the (lazy) inputs and hands each to a pool of decoder threads
-(Pillow decoding and torchvision preprocessing release the GIL); the caller's thread takes the
-results in input order, runs the model on batches and yields one Prediction per input. A bounded
-queue between them keeps memory flat however many inputs there are.
+The pipeline: a feeder thread walks the (lazy) inputs and hands each to a few decoder threads
+(Pillow decoding and preprocessing release the GIL); the caller's thread takes the results in
+input order, runs the classifier on batches and yields one Prediction per input.
+
+The model side is a `Classifier`, settled before the pipeline starts: a `preprocess` step (an RGB
+`PIL.Image` to one array) and a `classify` step (a list of those to a (batch, classes) array of
+probabilities). `resnetcli.inference.torch_classifier` makes one from a torchvision model; any
+other runtime (ONNX Runtime, a remote service) plugs in the same way. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
-import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Union
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
-from resnetcli.errors import InputError, UsageError
-from resnetcli.images import load_image
+from resnetcli.errors import InputError
+from resnetcli.images import ImageRefused, load_image
 from resnetcli.inputs import Input
+from resnetcli.urls import is_url, redact_url
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from resnetcli.registry import LoadedModel
+log = logging.getLogger(__name__)
 
 #: A partial batch is run when no further input has arrived for this long (seconds), so records
 #: keep streaming when inputs trickle in (a slow `find | resnet predict -`).
 FLUSH_AFTER = 0.1
+#: How often (seconds) a thread waiting for room or for input checks whether the pipeline was closed.
+POLL = 0.1
+#: The error of an input whose scores are not finite numbers (NaN or infinite weights, an overflow).
+NON_FINITE = "the model produced non-finite scores"
 
 
 @dataclass(frozen=True)
@@ -40,87 +46,79 @@ class ClassScore:
     prob: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prediction:
     """The outcome for one input: its top classes, or the error that stopped it."""
 
     input: str
     arch: str
     weights: str
-    top: list[ClassScore] = field(default_factory=list)
+    top: tuple[ClassScore, ...] = ()
     error: str | None = None
 
     def record(self) -> dict:
         """The JSON record: `{input, arch, weights, top}` or `{input, error}` for a failed input."""
         if self.error is not None:
             return {"input": self.input, "error": self.error}
-        return {"input": self.input, "arch": self.arch, "weights": self.weights, "top": [asdict(s) for s in self.top]}
+        top = [{"rank": s.rank, "index": s.index, "label": s.label, "prob": s.prob} for s in self.top]
+        return {"input": self.input, "arch": self.arch, "weights": self.weights, "top": top}
 
 
-def top_classes(probabilities, categories: list[str], k: int, threshold: float = 0.0) -> list[list[ClassScore]]:
-    """The k most probable classes of each row of a (batch, classes) probability tensor."""
-    import torch
+@dataclass(frozen=True)
+class Classifier:
+    """The model side of the pipeline, settled before it starts and never changed by it.
 
-    k = min(k, probabilities.shape[1])
-    values, indices = torch.topk(probabilities, k, dim=1)
-    batches = []
-    for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-        batches.append(
-            [
-                ClassScore(rank, index, categories[index], round(prob, 6))
-                for rank, (prob, index) in enumerate(zip(row_values, row_indices), start=1)
+    `preprocess(image)` turns an RGB `PIL.Image` into one model input (it runs in the decoder
+    threads; it may raise `images.ImageRefused`); `classify(inputs)` turns a list of those into a
+    (len(inputs), len(categories)) array-like of probabilities (it runs in the caller's thread);
+    `rank`, if given, is the runtime's top-k over that array (see `top_classes`).
+    """
+
+    arch: str
+    weights: str
+    categories: tuple[str, ...]
+    preprocess: Callable[[Any], Any]
+    classify: Callable[[Sequence[Any]], Any]
+    rank: Callable[[Any, int], tuple[Any, Any]] | None = None
+    details: dict = field(default_factory=dict)
+
+
+def top_classes(
+    probabilities,
+    categories: Sequence[str],
+    k: int,
+    threshold: float = 0.0,
+    rank: Callable[[Any, int], tuple[Any, Any]] | None = None,
+) -> list[tuple[ClassScore, ...] | None]:
+    """The k most probable classes of each row of a (batch, classes) probability array (numpy, or
+    anything `numpy.asarray` takes); None for a row holding a NaN or an infinity.
+
+    `rank(probabilities, k)` gives the (values, indices) of each row's k largest, largest first;
+    by default numpy's stable sort (ties in index order). A runtime passes its own top-k so that
+    ties (exact zeros far down a saturated softmax) come out in the order its users expect.
+    """
+    import numpy as np
+
+    rows = np.asarray(probabilities)
+    k = min(k, rows.shape[1])
+    finite = np.isfinite(rows).all(axis=1)
+    if rank is not None:
+        values, indices = rank(probabilities, k)
+    else:
+        indices = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        values = np.take_along_axis(rows, indices, axis=1)
+    ranked: list[tuple[ClassScore, ...] | None] = []
+    for ok, row_values, row_indices in zip(finite, np.asarray(values).tolist(), np.asarray(indices).tolist()):
+        ranked.append(
+            tuple(
+                ClassScore(position, index, categories[index], round(prob, 6))
+                for position, (prob, index) in enumerate(zip(row_values, row_indices), start=1)
                 if prob >= threshold
-            ]
+            )
+            if ok
+            else None
         )
-    return batches
-
-
-def classify(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (on the CPU) for a preprocessed (N, 3, H, W) batch: the one model call.
-
-    `model` is what `fastpath.optimize_for_inference` returns: it moves the batch to its device.
-    """
-    import torch
-
-    with torch.inference_mode():
-        logits = model(batch)
-        return torch.softmax(logits.float(), dim=1).cpu()
-
-
-# ---------------------------------------------------------------------------------------------
-# Device, threads, preprocessing
-
-
-def resolve_device(spec: str) -> str:
-    """A torch device name for `--device`: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.
-
-    Raises UsageError for a device this machine does not have.
-    """
-    import torch
-
-    wanted = spec.strip().lower()
-    mps_available = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    if wanted == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if mps_available else "cpu"
-    if wanted == "cpu":
-        return "cpu"
-    if wanted == "mps":
-        if not mps_available:
-            raise UsageError("--device mps: Apple's MPS backend is not available on this machine")
-        return "mps"
-    if wanted == "cuda" or wanted.startswith("cuda:"):
-        index_text = wanted.partition(":")[2]
-        if index_text and not index_text.isdigit():
-            raise UsageError(f"--device {spec}: expected cuda or cuda:N")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(index_text) if index_text else 0
-        if index >= count:
-            seen = "no CUDA device" if count == 0 else f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-            raise UsageError(f"--device {spec}: not available (torch sees {seen})")
-        return wanted
-    raise UsageError(f"--device {spec}: choose auto, cpu, cuda, cuda:N or mps")
+    return ranked
 
 
 def default_workers() -> int:
@@ -128,162 +126,180 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def preprocessing_weights(arch: str, name: str):
-    """The weights of `arch` called `name` (`--preprocess`), whose transforms to use; UsageError if none is."""
-    from resnetcli.registry import DEFAULT_WEIGHTS, resolve_architecture, weights_enum
-
-    arch = resolve_architecture(arch)
-    enum = weights_enum(arch)
-    member = name.strip().upper()
-    if member == DEFAULT_WEIGHTS:
-        return enum.DEFAULT
-    if member in enum.__members__:
-        return enum[member]
-    names = ", ".join(enum.__members__)  # the weights names and their DEFAULT alias
-    raise UsageError(f"--preprocess {name}: not a weights name of {arch}; choose one of {names}")
-
-
-def set_preprocessing(loaded: LoadedModel, weights=None, *, input_size: int | None = None, resize: int | None = None) -> None:
-    """Replace `loaded.transforms` with another weights' preprocessing and/or other sizes.
-
-    `weights` (from `preprocessing_weights`) supplies the transforms (default: those already
-    chosen, i.e. the weights' own or, for a checkpoint, the architecture's default ones).
-    `input_size` is the centre crop fed to the model; `resize` the size the shorter side is resized
-    to first. Given only `input_size`, the resize keeps the weights' resize-to-crop ratio. Mean,
-    std and interpolation always come from the weights' transforms object.
-    """
-    if weights is not None:
-        loaded.transforms = weights.transforms()
-    if input_size is None and resize is None:
-        return
-    base = loaded.transforms
-    if not all(hasattr(base, name) for name in ("crop_size", "resize_size", "mean", "std")):
-        raise UsageError(f"the preprocessing of {loaded.arch} has no crop and resize sizes to change")
-    base_crop, base_resize = base.crop_size[0], base.resize_size[0]
-    crop = input_size if input_size is not None else base_crop
-    if resize is None:
-        resize = round(crop * base_resize / base_crop)
-    loaded.transforms = type(base)(
-        crop_size=crop,
-        resize_size=resize,
-        mean=base.mean,
-        std=base.std,
-        interpolation=base.interpolation,
-        antialias=base.antialias,
-    )
+def shown(source: str) -> str:
+    """An input as records and messages show it: a URL without its user name and password."""
+    return redact_url(source) if is_url(source) else source
 
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 
+
+class _Decoders:
+    """A few daemon threads running submitted calls. Daemon threads, unlike ThreadPoolExecutor's,
+    are not joined when the interpreter exits: one blocked on a slow disk or server cannot hold
+    the process after Ctrl-C."""
+
+    def __init__(self, count: int) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._work, name=f"resnet-decode-{i}", daemon=True) for i in range(count)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, function: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, function, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, function, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer through the future
+                future.set_exception(error)
+
+    def shutdown(self, wait: float) -> None:
+        """Cancel what has not started, stop every thread once its current call returns, and wait
+        up to `wait` seconds in all for them."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self.threads:
+            self._tasks.put(None)
+        _join_all(self.threads, wait)
+
+
+def _join_all(threads: Sequence[threading.Thread], wait: float) -> None:
+    import time
+
+    deadline = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
 _END = object()
 
 
 def predict(
-    loaded: LoadedModel,
+    classifier: Classifier,
     inputs: Iterable[Union[Input, str]],
     *,
     top: int = 5,
     batch_size: int = 16,
     threshold: float = 0.0,
     workers: int | None = None,
-    device: str = "cpu",
     offline: bool = False,
     timeout: float = 30.0,
-    expected_count: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[Prediction]:
     """Classify each input, yielding one Prediction per input in input order as soon as its batch is done.
 
-    Inputs are decoded and preprocessed by `workers` threads while the model runs on batches of
-    up to `batch_size`; a partial batch runs when no input arrives for FLUSH_AFTER seconds. At
-    most `batch_size + 2 * workers` inputs are in flight. `device` is where the model runs (it is
-    moved there, through the fast path of `resnetcli.fastpath`, which `expected_count`, the number
-    of inputs when it is known, helps choose); `offline` and `timeout` apply to image URLs.
-    Closing the iterator early stops the workers.
+    Inputs are decoded and preprocessed by `workers` threads while the classifier runs on batches
+    of up to `batch_size`; a partial batch runs when no input arrives for FLUSH_AFTER seconds. At
+    most `batch_size + 2 * workers` inputs are in flight (submitted for decoding and not yet
+    yielded). `offline` and `timeout` apply to image URLs.
+
+    Closing the iterator early (or `cancel` being set) stops the feeder and the decoder threads;
+    give the same `cancel` event to `inputs.expand_inputs` so that a feeder blocked reading stdin
+    or walking a folder stops too.
     """
-    import torch
-
-    from resnetcli.fastpath import optimize_for_inference
-
     workers = workers or default_workers()
-    crop = getattr(loaded.transforms, "crop_size", None) or [224]
-    model = optimize_for_inference(
-        loaded.model, device=device, example_shape=(batch_size, 3, crop[0], crop[-1]), images=expected_count
-    )
-    in_flight: queue.Queue = queue.Queue(maxsize=batch_size + 2 * workers)
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resnet-decode")
+    cancel = cancel if cancel is not None else threading.Event()
+    slots = threading.Semaphore(batch_size + 2 * workers)
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    decoders = _Decoders(workers)
 
-    def prepare(source: str) -> torch.Tensor:
-        return loaded.transforms(load_image(source, offline=offline, timeout=timeout))
+    def prepare(source: str) -> Any:
+        image = load_image(source, offline=offline, timeout=timeout)
+        try:
+            return classifier.preprocess(image)
+        except ImageRefused as refused:
+            raise InputError(shown(source), str(refused)) from None
 
-    def offer(entry: object) -> bool:
-        while not stop.is_set():
-            try:
-                in_flight.put(entry, timeout=0.1)
+    def take_slot() -> bool:
+        while not cancel.is_set():
+            if slots.acquire(timeout=POLL):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def feed() -> None:
         try:
             for item in inputs:
                 item = item if isinstance(item, Input) else Input(str(item))
-                future = None if item.error is not None else pool.submit(prepare, item.source)
-                if not offer((item, future)):
+                if not take_slot():
+                    return
+                ready.put((item, None if item.error is not None else decoders.submit(prepare, item.source)))
+                if cancel.is_set():
                     return
         except BaseException as error:  # noqa: BLE001 - handed to the consuming thread to raise
-            offer(error)
-        offer(_END)
+            ready.put(error)
+        ready.put(_END)
+
+    def outcome(item: Input, future: Future | None) -> Any:
+        if future is None:
+            return str(InputError(shown(item.source), item.error or ""))
+        try:
+            return future.result()
+        except InputError as error:
+            return str(error)
 
     def run(batch: list[tuple[Input, Future | None]]) -> Iterator[Prediction]:
-        outcomes: list[Union[torch.Tensor, str]] = []
-        for item, future in batch:
-            if future is None:
-                outcomes.append(str(InputError(item.source, item.error or "")))
-                continue
-            try:
-                outcomes.append(future.result())
-            except InputError as error:
-                outcomes.append(str(error))
-        tensors = [outcome for outcome in outcomes if not isinstance(outcome, str)]
-        ranked = iter(top_classes(classify(model, torch.stack(tensors)), loaded.categories, top, threshold) if tensors else [])
-        for (item, _), outcome in zip(batch, outcomes):
-            if isinstance(outcome, str):
-                yield Prediction(item.source, loaded.arch, loaded.weights.name, error=outcome)
+        outcomes = [outcome(item, future) for item, future in batch]
+        tensors = [o for o in outcomes if not isinstance(o, str)]
+        ranked = iter(
+            top_classes(classifier.classify(tensors), classifier.categories, top, threshold, classifier.rank)
+            if tensors
+            else []
+        )
+        for (item, _), result in zip(batch, outcomes):
+            name = shown(item.source)
+            if not isinstance(result, str):
+                scores = next(ranked)
+                result = scores if scores is not None else str(InputError(name, NON_FINITE))
+            if isinstance(result, str):
+                prediction = Prediction(name, classifier.arch, classifier.weights, error=result)
             else:
-                yield Prediction(item.source, loaded.arch, loaded.weights.name, top=next(ranked))
+                prediction = Prediction(name, classifier.arch, classifier.weights, top=result)
+            yield prediction
+            slots.release()
 
     feeder = threading.Thread(target=feed, name="resnet-inputs", daemon=True)
-    with warnings.catch_warnings():
-        # images.load_image refuses oversized images itself; Pillow's warning would only add a
-        # second, unformatted line on stderr. Set here, before any thread starts, because the
-        # warning filters are process-wide.
-        from PIL import Image
-
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        feeder.start()
-        try:
-            batch: list[tuple[Input, Future | None]] = []
-            while True:
-                try:
-                    entry = in_flight.get(timeout=FLUSH_AFTER) if batch else in_flight.get()
-                except queue.Empty:
-                    entry = None
-                if entry is None:
+    feeder.start()
+    try:
+        batch: list[tuple[Input, Future | None]] = []
+        while True:
+            try:
+                # Waiting in short steps keeps the wait interruptible (Ctrl-C) whatever the platform.
+                entry = ready.get(timeout=FLUSH_AFTER if batch else 5 * POLL)
+            except queue.Empty:
+                if batch:
                     yield from run(batch)
                     batch = []
-                    continue
-                if entry is _END:
-                    break
-                if isinstance(entry, BaseException):
-                    raise entry
-                batch.append(entry)
-                if len(batch) >= batch_size:
-                    yield from run(batch)
-                    batch = []
-            yield from run(batch)
-        finally:
-            stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+                continue
+            if entry is _END:
+                break
+            if isinstance(entry, BaseException):
+                raise entry
+            batch.append(entry)
+            if len(batch) >= batch_size:
+                yield from run(batch)
+                batch = []
+        yield from run(batch)
+    finally:
+        cancel.set()
+        decoders.shutdown(wait=1.0)
+        _join_all([feeder], 1.0)
+        if feeder.is_alive():
+            log.debug("the input feeder is still blocked after the pipeline closed; it stops at its next poll")

@@ -41,7 +41,9 @@ def test_help_does_not_import_torch():
 
 
 def test_python_dash_m_and_version():
-    done = subprocess.run([sys.executable, "-m", "resnetcli", "--version"], capture_output=True, text=True, cwd=REPO, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "resnetcli", "--version"], capture_output=True, text=True, cwd=REPO, check=True
+    )
     from importlib.metadata import version
 
     import resnetcli
@@ -66,7 +68,13 @@ def test_summary_totals(runner, app, arch, total):
     assert document["layers"][0]["layer"] == arch and document["layers"][0]["output_shape"] == [1, 1000]
     names = {p["name"]: p for p in document["parameters"]}
     assert names["conv1.weight"]["shape"] == [64, 3, 7, 7]
-    assert names["bn1.running_mean"] == {"name": "bn1.running_mean", "shape": [64], "dtype": "float32", "kind": "buffer", "trainable": False}
+    assert names["bn1.running_mean"] == {
+        "name": "bn1.running_mean",
+        "shape": [64],
+        "dtype": "float32",
+        "kind": "buffer",
+        "trainable": False,
+    }
 
 
 def test_summary_table_shows_tree_and_totals(runner, app):
@@ -125,7 +133,9 @@ def torchvision_top_k(state_dict, images, k):
         for path in images:
             probabilities = torch.softmax(model(transforms(Image.open(path).convert("RGB")).unsqueeze(0)), dim=1)[0]
             values, indices = probabilities.topk(k)
-            reference[str(path)] = [(int(i), weights.meta["categories"][int(i)], float(v)) for v, i in zip(values, indices)]
+            reference[str(path)] = [
+                (int(i), weights.meta["categories"][int(i)], float(v)) for v, i in zip(values, indices)
+            ]
     return reference
 
 
@@ -140,7 +150,20 @@ def assert_matches_reference(records, reference):
 
 
 def test_predict_checkpoint_matches_torchvision_pipeline(runner, app, steered_resnet18, sample_images):
-    result = run_cli(runner, app, "predict", *sample_images, "--arch", "resnet18", "--weights", steered_resnet18.path, "--top", "3", "--format", "jsonl")
+    result = run_cli(
+        runner,
+        app,
+        "predict",
+        *sample_images,
+        "--arch",
+        "resnet18",
+        "--weights",
+        steered_resnet18.path,
+        "--top",
+        "3",
+        "--format",
+        "jsonl",
+    )
     assert result.exit_code == 0, result.stderr
     records = jsonl(result.stdout)
     assert_matches_reference(records, torchvision_top_k(steered_resnet18.state_dict, sample_images, 3))
@@ -150,22 +173,52 @@ def test_predict_checkpoint_matches_torchvision_pipeline(runner, app, steered_re
     assert {r["arch"] for r in records} == {"resnet18"}
 
 
-def test_predict_downloads_into_hub_cache_then_works_offline(runner, app, steered_resnet18, sample_images, weight_server, checkpoint_dir):
+def test_predict_downloads_into_hub_cache_then_works_offline(
+    runner, app, steered_resnet18, sample_images, weight_server, checkpoint_dir
+):
     url = weight_server.add(steered_resnet18.path)
-    result = run_cli(runner, app, "predict", *sample_images, "--arch", "resnet18", "--weights", url, "--top", "5", "--format", "json")
+    result = run_cli(
+        runner, app, "predict", *sample_images, "--arch", "resnet18", "--weights", url, "--top", "5", "--format", "json"
+    )
     assert result.exit_code == 0, result.stderr
-    assert_matches_reference(json.loads(result.stdout), torchvision_top_k(steered_resnet18.state_dict, sample_images, 5))
+    assert_matches_reference(
+        json.loads(result.stdout), torchvision_top_k(steered_resnet18.state_dict, sample_images, 5)
+    )
     cached = checkpoint_dir / steered_resnet18.path.name
     assert cached.read_bytes() == steered_resnet18.path.read_bytes()
     assert "downloading" in result.stderr
     # Second run: from the cache, with the network forbidden.
-    again = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", url, "--offline", "--format", "jsonl")
+    again = run_cli(
+        runner,
+        app,
+        "predict",
+        sample_images[0],
+        "--arch",
+        "resnet18",
+        "--weights",
+        url,
+        "--offline",
+        "--format",
+        "jsonl",
+    )
     assert again.exit_code == 0, again.stderr
     assert jsonl(again.stdout)[0]["top"][0]["index"] == steered_resnet18.expected[sample_images[0].name]
 
 
 def test_predict_formats(runner, app, steered_resnet18, sample_images):
-    args = ["predict", *sample_images[:2], "--arch", "resnet18", "--weights", steered_resnet18.path, "--top", "2"]
+    # One image per forward pass, so that the probabilities of the CSV and TSV runs are bit-identical.
+    args = [
+        "predict",
+        *sample_images[:2],
+        "--arch",
+        "resnet18",
+        "--weights",
+        steered_resnet18.path,
+        "--top",
+        "2",
+        "--batch-size",
+        "1",
+    ]
     reference = torchvision_top_k(steered_resnet18.state_dict, sample_images[:2], 2)
     rows = {}
     for fmt, delimiter in (("csv", ","), ("tsv", "\t")):
@@ -199,7 +252,9 @@ def test_predict_bad_inputs_are_reported_and_batch_goes_on(runner, app, steered_
     folder.mkdir()
     missing = tmp_path / "missing.jpg"
     inputs = [sample_images[1], not_an_image, missing, truncated, folder, sample_images[2]]
-    result = run_cli(runner, app, "predict", *inputs, "--arch", "resnet18", "--weights", steered_resnet18.path, "--format", "jsonl")
+    result = run_cli(
+        runner, app, "predict", *inputs, "--arch", "resnet18", "--weights", steered_resnet18.path, "--format", "jsonl"
+    )
     assert result.exit_code == 1
     records = jsonl(result.stdout)
     assert [r["input"] for r in records] == [str(p) for p in inputs]
@@ -229,10 +284,18 @@ def test_predict_random_weights_warns(runner, app, sample_images):
 
 
 def test_unknown_architecture_suggests_and_exits_2(runner, app, sample_images):
-    for args in (["summary", "resnt50"], ["predict", sample_images[0], "--arch", "resnt50"], ["features", "resnt50"], ["fetch", "resnt50"]):
+    for args in (
+        ["summary", "resnt50"],
+        ["predict", sample_images[0], "--arch", "resnt50"],
+        ["features", "resnt50"],
+        ["fetch", "resnt50"],
+    ):
         result = run_cli(runner, app, *args)
         assert result.exit_code == 2, args
-        assert result.stderr.strip() == "resnet: error: unknown architecture 'resnt50'; did you mean 'resnet50', 'resnet152', 'resnet101'?"
+        assert (
+            result.stderr.strip()
+            == "resnet: error: unknown architecture 'resnt50'; did you mean 'resnet50', 'resnet152', 'resnet101'?"
+        )
         assert result.stdout == ""
 
 
@@ -290,8 +353,20 @@ def test_console_script_end_to_end(tmp_path, steered_resnet18, sample_images):
 
     resnet = Path(sys.executable).parent / "resnet"  # installed beside the interpreter by `pip install`
     done = subprocess.run(
-        [str(resnet), "predict", str(sample_images[0]), "--arch", "resnet18", "--weights", str(steered_resnet18.path), "-k", "1"],
-        capture_output=True, text=True, env=env_without_resnet(TORCH_HOME=str(tmp_path)),
+        [
+            str(resnet),
+            "predict",
+            str(sample_images[0]),
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(steered_resnet18.path),
+            "-k",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env_without_resnet(TORCH_HOME=str(tmp_path)),
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["top"][0]["index"] == steered_resnet18.expected[sample_images[0].name]

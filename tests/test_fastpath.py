@@ -44,7 +44,9 @@ def fast_probabilities(checkpoint: Path, arch: str, images: list[Path], plan=Non
 
     loaded = load_model(arch, str(checkpoint))
     crop = min(loaded.transforms.crop_size)
-    model = fastpath.optimize_for_inference(loaded.model, example_shape=(len(images), 3, crop, crop), plan=plan or fastpath.plan_for("cpu"))
+    model = fastpath.optimize_for_inference(
+        loaded.model, example_shape=(len(images), 3, crop, crop), plan=plan or fastpath.plan_for("cpu")
+    )
     batch = torch.stack([loaded.transforms(load_image(path)) for path in images])
     with torch.inference_mode():
         model(batch)  # the first batch checks the traced graph against the eager model, and adopts it
@@ -111,7 +113,9 @@ def test_gpu_plan_half_precision_keeps_answers(soft_steered, sample_images):
     assert (cuda_plan.dtype, cuda_plan.torchscript_onednn, cuda_plan.fold_batchnorm) == ("float16", False, True)
 
     expected = naive_probabilities("resnet18", state_dict, sample_images)
-    got, model = fast_probabilities(checkpoint, "resnet18", sample_images, plan=dataclasses.replace(cuda_plan, device="cpu"))
+    got, model = fast_probabilities(
+        checkpoint, "resnet18", sample_images, plan=dataclasses.replace(cuda_plan, device="cpu")
+    )
 
     assert model.levers == ("fold_batchnorm", "float16", "channels_last")
     assert got.topk(5).indices.tolist() == expected.topk(5).indices.tolist()
@@ -190,7 +194,9 @@ def test_draft_decoding_keeps_top5_labels_of_large_photos(soft_steered, large_ph
     transforms = models.ResNet18_Weights.DEFAULT.transforms()
     short_side = fastpath.draft_short_side(transforms)
     with torch.no_grad():
-        got = model.eval()(torch.stack([transforms(load_image(p, draft_short_side=short_side)) for p in large_photos])).softmax(dim=1)
+        got = model.eval()(
+            torch.stack([transforms(load_image(p, draft_short_side=short_side)) for p in large_photos])
+        ).softmax(dim=1)
 
     assert [STEERED_CLASSES[p.name] for p in large_photos] == got.argmax(dim=1).tolist()
     assert got.topk(5).indices.tolist() == expected.topk(5).indices.tolist()
@@ -202,7 +208,11 @@ def test_draft_decoding_reports_bad_inputs_like_full_decoding(tmp_path):
 
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes((Path(__file__).parent.parent / "sample_images" / "cat.jpg").read_bytes()[:2000])
-    cases = {tmp_path / "missing.jpg": "no such file", tmp_path: "is a directory, not an image", truncated: "cannot decode image"}
+    cases = {
+        tmp_path / "missing.jpg": "no such file",
+        tmp_path: "is a directory, not an image",
+        truncated: "cannot decode image",
+    }
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
     cases[text] = "not an image (unrecognised format)"
@@ -235,7 +245,23 @@ def test_resnet_predict_end_to_end_matches_naive_pipeline(soft_steered, sample_i
     folder.mkdir()
     for path in sample_images:
         shutil.copy(path, folder / path.name)
-    result = runner.invoke(app, ["predict", str(folder), "--arch", "resnet18", "--weights", str(checkpoint), "--top", "5", "--format", "jsonl", "--batch-size", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(folder),
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(checkpoint),
+            "--top",
+            "5",
+            "--format",
+            "jsonl",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [Path(r["input"]).name for r in records] == [p.name for p in sample_images]
@@ -247,7 +273,9 @@ def test_resnet_predict_end_to_end_matches_naive_pipeline(soft_steered, sample_i
         assert record["top"][0]["index"] == STEERED_CLASSES[Path(record["input"]).name]
 
 
-@pytest.mark.parametrize("arch", ["swin_t", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "densenet121", "googlenet"])
+@pytest.mark.parametrize(
+    "arch", ["swin_t", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "densenet121", "googlenet"]
+)
 def test_fast_path_keeps_the_answers_of_other_families_call_after_call(arch):
     """Whatever the fast path chooses for a family (graph or eager), every call answers as eager.
 

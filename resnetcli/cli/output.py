@@ -1,13 +1,20 @@
-"""Formatting records for the terminal and for programs: rich tables, JSON, JSONL, CSV, TSV.
+r"""Formatting records for the terminal and for programs: rich tables, JSON, JSONL, CSV, TSV.
 
 Only the CLI formats; core modules hand it plain records (dicts). Machine formats stream: each
 record is written and flushed as soon as it is given, so a consumer reading a pipe sees it at once.
+
+Text that is not valid Unicode (a file name with bytes that are not UTF-8, which Python decodes
+with `surrogateescape` to the lone surrogates U+DC80..U+DCFF) is written as the JSON escape
+`\udcXX` of each such character, in every format: JSON and JSONL stay valid UTF-8, and
+`os.fsencode(json.loads(line)["input"])` gives back the original bytes. On a terminal, CSV and TSV
+cells also show control characters escaped (`\x1b`, `\n`), as the table does.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from enum import Enum
 from typing import IO, Any, Callable, Iterable, Sequence
@@ -31,6 +38,21 @@ def choose_format(requested: OutputFormat | None, stream: IO[str]) -> OutputForm
     return OutputFormat.table if isatty is not None and isatty() else OutputFormat.jsonl
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_surrogates(text: str) -> str:
+    """`text` with each lone surrogate written as its `\\uXXXX` escape (valid UTF-8 afterwards)."""
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters written as escapes, for a terminal: `\\n`, `\\x1b`, ..."""
+    return _CONTROL.sub(lambda match: _NAMED_CONTROLS.get(match.group(), f"\\x{ord(match.group()):02x}"), text)
+
+
 def cell(value: Any) -> str:
     """A value as text for a CSV or TSV cell: exact numbers, lists in brackets, booleans as true/false."""
     if value is None:
@@ -52,7 +74,7 @@ def _table_cell(value: Any) -> str:
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]"
-    return cell(value)
+    return escape_controls(escape_surrogates(cell(value)))
 
 
 class RecordWriter:
@@ -73,6 +95,7 @@ class RecordWriter:
         title: str | None = None,
         document: Callable[[list[dict]], Any] | None = None,
         console=None,
+        table: Callable[[list[dict], str | None, IO[str]], None] | None = None,
     ) -> None:
         self.fmt = fmt
         self.columns = list(columns)
@@ -81,8 +104,11 @@ class RecordWriter:
         self.title = title
         self.document = document
         self.console = console
+        self.table = table
         self._records: list[dict] = []
         self._csv = None
+        isatty = getattr(self.stream, "isatty", None)
+        self._terminal = bool(isatty is not None and isatty())
         if fmt in (OutputFormat.csv, OutputFormat.tsv):
             self._csv = csv.DictWriter(
                 self.stream,
@@ -97,29 +123,42 @@ class RecordWriter:
     def write(self, record: dict) -> None:
         """Write (or, for table and JSON, keep) one record."""
         if self.fmt is OutputFormat.jsonl:
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.write(escape_surrogates(json.dumps(record, ensure_ascii=False)) + "\n")
             self.stream.flush()
         elif self._csv is not None:
             for row in self.rows(record):
-                self._csv.writerow({key: cell(row.get(key)) for key in self.columns})
+                self._csv.writerow({key: self._cell(row.get(key)) for key in self.columns})
             self.stream.flush()
         else:
             self._records.append(record)
+
+    def _cell(self, value: Any) -> str:
+        text = escape_surrogates(cell(value))
+        return escape_controls(text) if self._terminal else text
 
     def close(self) -> None:
         """Write what the format keeps until the end (the table, the JSON document)."""
         if self.fmt is OutputFormat.json:
             document = self.document(self._records) if self.document else self._records
-            self.stream.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+            self.stream.write(escape_surrogates(json.dumps(document, ensure_ascii=False, indent=2)) + "\n")
             self.stream.flush()
+        elif self.fmt is OutputFormat.table and self.table is not None:
+            self.table(self._records, self.title, self.stream)
         elif self.fmt is OutputFormat.table:
-            print_table(self.columns, [row for record in self._records for row in self.rows(record)], self.title, self.stream, self.console)
+            print_table(
+                self.columns,
+                [row for record in self._records for row in self.rows(record)],
+                self.title,
+                self.stream,
+                self.console,
+            )
 
     def __enter__(self) -> "RecordWriter":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None or not issubclass(exc_type, Exception):
+            self.close()
 
 
 def print_table(columns: Sequence[str], rows: Iterable[dict], title: str | None, stream: IO[str], console=None) -> None:
@@ -144,11 +183,30 @@ def print_table(columns: Sequence[str], rows: Iterable[dict], title: str | None,
 
 #: Columns right-aligned in tables.
 NUMERIC_COLUMNS = frozenset(
-    {"rank", "index", "prob", "params", "size", "channels", "stride", "mult_adds", "acc@1", "acc@5", "gflops", "file_mb"}
+    {
+        "rank",
+        "index",
+        "prob",
+        "params",
+        "size",
+        "channels",
+        "stride",
+        "mult_adds",
+        "acc@1",
+        "acc@5",
+        "gflops",
+        "file_mb",
+    }
 )
 
 
-def write_document(fmt: OutputFormat, document: dict, sections: dict[str, tuple[Sequence[str], list[dict]]], primary: str, stream: IO[str] | None = None) -> None:
+def write_document(
+    fmt: OutputFormat,
+    document: dict,
+    sections: dict[str, tuple[Sequence[str], list[dict]]],
+    primary: str,
+    stream: IO[str] | None = None,
+) -> None:
     """Write a report made of several sections (a summary's layers, totals and parameters).
 
     JSON gets the whole document; JSONL, CSV and TSV get the rows of the `primary` section; a

@@ -6,14 +6,24 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import IO, List, Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
+from resnetcli.cli.app import (
+    FormatOption,
+    MirrorOption,
+    OfflineOption,
+    app,
+    cache_settings,
+    download_progress,
+    say,
+    warn,
+)
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
 from resnetcli.errors import ExitStatus
+from resnetcli.urls import is_url
 
 PREDICT_COLUMNS = ["input", "arch", "weights", "rank", "index", "label", "prob", "error"]
 
@@ -93,11 +103,16 @@ class ProgressReport:
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
             )
+            # The task gets its counts before the line starts, so its first frame already has them.
+            self._task = self._progress.add_task(
+                "predict", total=None, completed=self.done, failed=self.failed, rate=self._rate()
+            )
             self._progress.start()
-            self._task = self._progress.add_task("predict", total=None, failed=0, rate="-")
-        if self._progress is not None:
-            rate = self.done / max(time.monotonic() - self.started, 1e-9)
-            self._progress.update(self._task, completed=self.done, failed=self.failed, rate=f"{rate:.1f}")
+        elif self._progress is not None:
+            self._progress.update(self._task, completed=self.done, failed=self.failed, rate=self._rate())
+
+    def _rate(self) -> str:
+        return f"{self.done / max(time.monotonic() - self.started, 1e-9):.1f}"
 
     def __enter__(self) -> "ProgressReport":
         return self
@@ -109,25 +124,19 @@ class ProgressReport:
 
 
 #: `--output` file suffixes that choose a format when `--format` is not given.
-SUFFIX_FORMATS = {".json": OutputFormat.json, ".jsonl": OutputFormat.jsonl, ".ndjson": OutputFormat.jsonl, ".csv": OutputFormat.csv, ".tsv": OutputFormat.tsv}
-
-
-def open_output(path: Optional[Path]) -> IO[str]:
-    """The stream records go to: stdout, or `--output FILE` opened for writing."""
-    from resnetcli.errors import UsageError
-
-    if path is None:
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8", newline="")
-    except OSError as error:
-        raise UsageError(f"--output {path}: cannot write: {error.strerror or error}") from None
+SUFFIX_FORMATS = {
+    ".json": OutputFormat.json,
+    ".jsonl": OutputFormat.jsonl,
+    ".ndjson": OutputFormat.jsonl,
+    ".csv": OutputFormat.csv,
+    ".tsv": OutputFormat.tsv,
+}
 
 
 def counted_inputs(inputs: List[str], shard_spec: Optional[tuple[int, int]]) -> Optional[int]:
     """How many images the command line names, when it names them one by one (files and URLs);
     None when a folder, glob or stdin makes the count unknown before they are read."""
-    if not all(text.lower().startswith(("http://", "https://")) or Path(text).is_file() for text in inputs):
+    if not all(is_url(text) or Path(text).is_file() for text in inputs):
         return None
     if shard_spec is None:
         return len(inputs)
@@ -140,97 +149,173 @@ def predict(
     inputs: Annotated[
         List[str],
         typer.Argument(
-            help="Image files, folders (searched for images), quoted glob patterns, http(s) URLs, or - to read paths from stdin.",
+            help="Image files, folders (searched for images), quoted glob patterns, http(s) URLs, "
+            "or - to read paths from stdin.",
             metavar="INPUT...",
         ),
     ],
-    arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")] = "resnet50",
+    arch: Annotated[
+        str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")
+    ] = "resnet50",
     weights: Annotated[
         str,
-        typer.Option("--weights", "-w", help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL."),
+        typer.Option(
+            "--weights",
+            "-w",
+            help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL.",
+        ),
     ] = "DEFAULT",
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")] = 0.0,
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")
+    ] = 0.0,
     labels: Annotated[
         Optional[Path],
-        typer.Option("--labels", exists=True, dir_okay=False, help="Class names for a fine-tuned checkpoint: text (one per line) or JSON."),
+        typer.Option(
+            "--labels",
+            exists=True,
+            dir_okay=False,
+            help="Class names for a fine-tuned checkpoint: text (one per line) or JSON.",
+        ),
     ] = None,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Search folders' sub-folders too.")] = True,
-    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive/--no-recursive", help="Search folders' sub-folders too.")
+    ] = True,
+    null: Annotated[
+        bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that fails (exit code 1).")] = False,
     output: Annotated[
         Optional[Path],
-        typer.Option("--output", "-o", dir_okay=False, help="Write the records to this file instead of stdout (format from --format or the suffix, else jsonl)."),
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            help="Write the records to this file instead of stdout (format from --format or the suffix, else jsonl).",
+        ),
     ] = None,
     shard: Annotated[
         Optional[str],
-        typer.Option("--shard", metavar="I/N", help="Process only shard I of N (1 <= I <= N): the inputs at positions I-1, I-1+N, ..."),
+        typer.Option(
+            "--shard",
+            metavar="I/N",
+            help="Process only shard I of N (1 <= I <= N): the inputs at positions I-1, I-1+N, ...",
+        ),
     ] = None,
     preprocess: Annotated[
         Optional[str],
-        typer.Option("--preprocess", metavar="WEIGHTS", help="Use the preprocessing of this weights name of the architecture (default: the weights' own, or DEFAULT's for a checkpoint)."),
+        typer.Option(
+            "--preprocess",
+            metavar="WEIGHTS",
+            help="Use the preprocessing of this weights name of the architecture "
+            "(default: the weights' own, or DEFAULT's for a checkpoint).",
+        ),
     ] = None,
-    input_size: Annotated[Optional[int], typer.Option("--input-size", min=1, help="Centre-crop size fed to the model.")] = None,
-    resize: Annotated[Optional[int], typer.Option("--resize", min=1, help="Resize the shorter side to this before cropping.")] = None,
+    input_size: Annotated[
+        Optional[int], typer.Option("--input-size", min=1, help="Centre-crop size fed to the model.")
+    ] = None,
+    resize: Annotated[
+        Optional[int], typer.Option("--resize", min=1, help="Resize the shorter side to this before cropping.")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Threads decoding and preprocessing images (default: one per core, at most 8).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Threads torch uses inside each operation (default: the CPUs this process may run on, from its affinity mask).")] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            "-j",
+            min=1,
+            help="Threads decoding and preprocessing images (default: one per core, at most 8).",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")
+    ] = "auto",
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Threads torch uses inside each operation (default: the CPUs this process may run on, "
+            "from its affinity mask and CPU quota).",
+        ),
+    ] = None,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
 ) -> None:
     """Classify images: the top-k ImageNet classes (or a checkpoint's own classes) with probabilities."""
+    import threading
+    import warnings
+
+    from PIL import Image
+
+    from resnetcli.cli.outfile import RecordsOutput
+    from resnetcli.cli.predict_table import print_predictions
+    from resnetcli.fastpath import configure_threads
+    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
-    from resnetcli.fastpath import configure_threads
-    from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
     from resnetcli.registry import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
     preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
-    configure_threads(threads)
-    settings = cache_settings(offline, mirror)
-    with download_progress() as on_progress:
-        loaded = load_model(
-            arch,
-            weights,
-            labels=read_labels(labels) if labels else None,
-            settings=settings,
-            on_progress=on_progress,
-        )
-    for note in loaded.notes:
-        warn(note)
-    set_preprocessing(loaded, preprocess_with, input_size=input_size, resize=resize)
-
-    items = expand_inputs(inputs, recursive=recursive, stdin=sys.stdin.buffer if "-" in inputs else None, null=null)
-    if shard_spec is not None:
-        items = take_shard(items, *shard_spec)
-    stream = open_output(output)
-    if output_format is None and output is not None:
-        output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
-    fmt = choose_format(output_format, stream)
-    # Records streaming to the same terminal would tear through a live progress line.
-    streams_to_terminal = fmt not in (OutputFormat.table, OutputFormat.json) and stream.isatty()
-    report = ProgressReport(enabled=sys.stderr.isatty() and not streams_to_terminal)
-    predictions = run_predictions(
-        loaded,
-        items,
-        top=top,
-        batch_size=batch_size,
-        threshold=threshold,
-        workers=workers,
-        device=chosen_device,
-        offline=settings.offline,
-        timeout=settings.timeout,
-        expected_count=counted_inputs(inputs, shard_spec),
-    )
-    title = f"{loaded.arch} ({loaded.weights.name})"
+    stdin = sys.stdin.buffer if "-" in inputs else None
+    target = RecordsOutput(output)
     try:
+        target.refuse_inputs(inputs, stdin)
+        configure_threads(threads)
+        settings = cache_settings(offline, mirror)
+        with download_progress() as on_progress:
+            loaded = load_model(
+                arch,
+                weights,
+                labels=read_labels(labels) if labels else None,
+                settings=settings,
+                on_progress=on_progress,
+            )
+        for note in loaded.notes:
+            warn(note)
+        # The model side is settled here, once; the pipeline below only runs it.
+        classifier = torch_classifier(
+            loaded,
+            transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
+            device=chosen_device,
+            batch_size=batch_size,
+            expected_count=counted_inputs(inputs, shard_spec),
+        )
+        cancel = threading.Event()
+        items = expand_inputs(inputs, recursive=recursive, stdin=stdin, null=null, cancel=cancel)
+        if shard_spec is not None:
+            items = take_shard(items, *shard_spec)
+        stream = target.stream
+        if output_format is None and output is not None:
+            output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
+        fmt = choose_format(output_format, stream)
+        # Records streaming to the same terminal would tear through a live progress line.
+        streams_to_terminal = fmt not in (OutputFormat.table, OutputFormat.json) and stream.isatty()
+        report = ProgressReport(enabled=sys.stderr.isatty() and not streams_to_terminal)
+        predictions = run_predictions(
+            classifier,
+            target.screen(items),
+            top=top,
+            batch_size=batch_size,
+            threshold=threshold,
+            workers=workers,
+            offline=settings.offline,
+            timeout=settings.timeout,
+            cancel=cancel,
+        )
+        title = f"{classifier.arch} ({classifier.weights})"
+        writer = RecordWriter(
+            fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title, table=print_predictions
+        )
         # Exits run inner first: the progress line stops before a table or JSON document is
-        # written, and the workers stop last.
-        with closing(predictions), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer, report:
+        # written, and the workers stop last. images.load_image refuses oversized images itself:
+        # Pillow's warning would only add a second, unformatted line on stderr. The filter is
+        # scoped to this call, and no generator yields while it holds.
+        with warnings.catch_warnings(), closing(predictions), writer, report:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             for prediction in predictions:
                 writer.write(prediction.record())
                 report.update(failed=prediction.error is not None)
@@ -239,8 +324,9 @@ def predict(
                     if strict:
                         say("stopped at the first failure (--strict)")
                         break
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
+        target.commit()
+    except BaseException:
+        target.abandon()
+        raise
     if report.failed:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
