@@ -111,10 +111,18 @@ def _describe(
     return (shape[1] if layout == NCHW else shape[3]), stride_of(ratio)
 
 
+def _image(model: "torch.nn.Module", height: int, width: int, channels: int = 3) -> "torch.Tensor":
+    """An empty image batch where the model lives: meta, or the CPU for a model that had to be built there."""
+    import torch
+
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("meta"))
+    return torch.empty(1, channels, height, width, device=device)
+
+
 def _forward_shapes(
-    model: "torch.nn.Module", height: int, width: int
+    model: "torch.nn.Module", height: int, width: int, channels: int = 3
 ) -> list[tuple[str, tuple[int, ...] | None, bool]]:
-    """Run a meta forward pass; (module name, output shape or None, has children) per call, in completion order."""
+    """Run a forward pass; (module name, output shape or None, has children) per call, in completion order."""
     import torch
 
     calls: list[tuple[str, tuple[int, ...] | None, bool]] = []
@@ -129,7 +137,7 @@ def _forward_shapes(
         handles.append(module.register_forward_hook(record))
     try:
         with torch.inference_mode():
-            model(torch.empty(1, 3, height, width, device="meta"))
+            model(_image(model, height, width, channels))
     finally:
         for handle in handles:
             handle.remove()
@@ -137,16 +145,16 @@ def _forward_shapes(
 
 
 def _module_outputs(
-    arch: str, model: "torch.nn.Module", height: int, width: int
+    arch: str, model: "torch.nn.Module", height: int, width: int, channels: int = 3
 ) -> tuple[list[_Output], tuple[int, int] | None]:
     """Every module call's output at (height, width), with its shape at twice the size if the model runs there."""
     try:
-        calls = _forward_shapes(model, height, width)
+        calls = _forward_shapes(model, height, width, channels)
     except Exception as error:
         raise input_size_error(arch, model, height, width, error) from None
     other_size: tuple[int, int] | None = (2 * height, 2 * width)
     try:
-        other_calls = _forward_shapes(model, *other_size)
+        other_calls = _forward_shapes(model, *other_size, channels)
     except Exception as error:  # A model built for one input size only.
         log.debug("%s does not run at twice the size: %s", arch, error)
         other_calls, other_size = [], None
@@ -209,7 +217,7 @@ def _feature(
     return FeatureMap(name, node, list(shape), layout, channels, stride)
 
 
-def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int) -> list[FeatureMap]:
+def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int, channels: int = 3) -> list[FeatureMap]:
     """The multi-scale stages of a backbone, found from its own structure.
 
     Every module output that is a map of the input (see `_map_layout`) gets a stride. A module is
@@ -220,7 +228,7 @@ def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int)
     layer before the first block (ResNet's `maxpool`, ViT's `conv_proj`). Stage nodes are module
     names, which `create_feature_extractor` takes as return nodes.
     """
-    outputs, other_size = _module_outputs(arch, model, height, width)
+    outputs, other_size = _module_outputs(arch, model, height, width, channels)
     maps = _maps_in_flow(outputs, (height, width), other_size)
 
     strides_within: dict[str, set[int]] = {}

@@ -105,7 +105,7 @@ class Summary:
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "non_trainable_params": self.total_params - self.trainable_params,
-            "gflops": round(self.gflops, 3) if self.gflops is not None else None,
+            "gflops": float(f"{self.gflops:.6g}") if self.gflops is not None else None,
             "mult_adds": self.mult_adds,
             "input_size_mb": round(self.input_size_mb, 2),
             "forward_size_mb": round(self.forward_size_mb, 2),

@@ -49,7 +49,7 @@ def test_list_fits_80_columns_without_breaking_numbers(runner, app, pattern):
     assert max(len(line) for line in table.splitlines()) <= 80
     rows = data_lines(table)
     assert len(rows) == len(records)  # not one row wrapped onto a second line
-    for record, row in zip(records, rows):
+    for record, row in zip(records, rows, strict=True):
         cells = [cell.strip() for cell in row.strip("│").split("│")]
         assert cells[:2] == [record["arch"], record["weights"]]
         assert f"{record['acc@1']:.3f}" in cells  # the published precision, not padded to 4 decimals

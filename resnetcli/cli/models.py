@@ -21,6 +21,17 @@ from resnetcli.cli.app import (
     warn,
 )
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
+from resnetcli.cli.specopts import (
+    InputOption,
+    InputShapeOption,
+    InputSizeOption,
+    KwargsOption,
+    no_weights_for_specs,
+    parse_inputs,
+    parse_kwargs,
+    torchvision_shape,
+    write_onnx_summary,
+)
 from resnetcli.cli.tables import display, print_fitted
 from resnetcli.errors import UsageError
 
@@ -32,14 +43,14 @@ LIST_COLUMNS = ["arch", "weights", "default", "acc@1", "acc@5", "params", "gflop
 #: `resnet list` columns a narrow terminal drops, first to last (`--wide` keeps them, and adds `file`).
 LIST_DROPPED_FIRST = ["cached", "file_mb", "acc@5", "default", "gflops", "params"]
 
-ArchArgument = Annotated[str, typer.Argument(help="Architecture name (`resnet list`).", show_default=False)]
-InputSizeOption = Annotated[
-    Optional[str],
-    typer.Option(
-        "--input-size",
-        "-s",
-        metavar="H[,W]",
-        help="Input height and width (default: the crop size of the weights' preprocessing).",
+ArchArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="A torchvision architecture (`resnet list`), path/to/file.py:Name or package.module:Name (an nn.Module "
+        "class, a function returning one, or an instance; importing the file runs it), timm:NAME, or (summary) a "
+        ".onnx file.",
+        show_default=False,
     ),
 ]
 InspectWeightsOption = Annotated[
@@ -131,18 +142,49 @@ def summary(
         Optional[str], typer.Option("--filter", help="With --params: only names containing this text.")
     ] = None,
     weights: InspectWeightsOption = None,
+    input_shape: InputShapeOption = None,
+    inputs: InputOption = None,
+    kwargs: KwargsOption = None,
     output_format: FormatOption = None,
 ) -> None:
-    """The layer tree (torchinfo) with output shapes and parameter counts, totals with GFLOPS, and every parameter."""
-    from resnetcli.shapes import parse_size
-    from resnetcli.summary import summarize
+    """The layer tree (torchinfo) with output shapes and parameter counts, totals with GFLOPS, and every parameter.
 
+    For a .onnx file: its inputs and outputs, operator histogram, parameter count and metadata.
+    """
+    from resnetcli import specs
+    from resnetcli.shapes import parse_size
+
+    spec = specs.parse_spec(arch)
+    fmt = choose_format(output_format, sys.stdout)
+    if spec.kind == specs.ONNX:
+        from resnetcli.onnxinfo import summarize_onnx
+
+        write_onnx_summary(fmt, summarize_onnx(arch).record())
+        return
     chosen = parse_list("--columns", columns, LAYER_COLUMNS) or []
-    report = summarize(
-        arch, weights=weights, input_size=parse_size(input_size), batch=batch, depth=depth, name_filter=name_filter
-    )
-    _remember_names()
-    _write_summary(choose_format(output_format, sys.stdout), report.record(), chosen, params)
+    size = parse_size(input_size)
+    if spec.kind == specs.TORCHVISION:
+        from resnetcli.summary import summarize
+
+        batch, size = torchvision_shape(input_shape, inputs, kwargs, batch, size)
+        report = summarize(arch, weights=weights, input_size=size, batch=batch, depth=depth, name_filter=name_filter)
+        _remember_names()
+    else:
+        from resnetcli.anymodel import summarize_spec
+
+        no_weights_for_specs(weights)
+        report = summarize_spec(
+            arch,
+            kwargs=parse_kwargs(kwargs),
+            inputs=parse_inputs(input_shape, inputs),
+            input_size=size,
+            batch=batch,
+            depth=depth,
+            name_filter=name_filter,
+        )
+        for note in report.notes:
+            say(f"note: {note}")
+    _write_summary(fmt, report.record(), chosen, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,16 +229,42 @@ def features(
             "without --save only their configuration is used.",
         ),
     ] = None,
+    input_shape: InputShapeOption = None,
+    inputs: InputOption = None,
+    kwargs: KwargsOption = None,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
 ) -> None:
     """The multi-scale feature maps of the backbone: name, graph node, shape, layout, channels and stride."""
     from resnetcli import features as core
+    from resnetcli import specs
     from resnetcli.shapes import check_save_path, parse_size
 
     node_list = parse_list("--nodes", nodes)
     fmt = choose_format(output_format, sys.stdout)
+    spec = specs.parse_spec(arch)
+    if spec.kind == specs.ONNX:
+        raise UsageError(f"{arch}: features needs a torch model; `resnet summary` reads .onnx files")
+    if spec.kind != specs.TORCHVISION:
+        from resnetcli.anymodel import spec_features
+
+        if node_list or list_nodes or save or image:
+            raise UsageError("--nodes, --list-nodes, --save and --image apply to torchvision architectures")
+        no_weights_for_specs(weights)
+        report, notes = spec_features(
+            arch,
+            kwargs=parse_kwargs(kwargs),
+            inputs=parse_inputs(input_shape, inputs),
+            input_size=parse_size(input_size),
+        )
+        for note in notes:
+            say(f"note: {note}")
+        title = f"{report.arch} feature maps at {'x'.join(map(str, report.input_size))}"
+        _write_records(fmt, FEATURE_COLUMNS, [feature.record() for feature in report.maps], title)
+        return
+    if input_shape or inputs or kwargs:
+        raise UsageError("--input-shape, --input and --kwargs apply to model specs; torchvision takes --input-size")
     if list_nodes:
         names = core.list_graph_nodes(arch, weights)
         _remember_names()
@@ -277,6 +345,17 @@ def list_command(
     """Architectures and their pretrained weights: accuracy, parameters, GFLOPS, file size, and whether cached."""
     from resnetcli.zoo import weights_catalogue
 
+    if pattern is not None and pattern.startswith("timm:"):
+        from resnetcli.anymodel import timm_catalogue
+
+        records = [info.record() for info in timm_catalogue(pattern.removeprefix("timm:"))]
+        _write_records(
+            choose_format(output_format, sys.stdout),
+            ["arch", "weights", "default"],
+            records,
+            "timm models and their pretrained tags",
+        )
+        return
     rows = sorted(weights_catalogue(pattern), key=_sort_key(sort))
     _remember_names()
     fmt = choose_format(output_format, sys.stdout)

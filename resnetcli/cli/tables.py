@@ -54,6 +54,8 @@ def display(column: str, value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        if 0 < abs(value) < 0.01:
+            return f"{value:.2g}"  # 0.00042 GFLOPS (LeNet), not 0.00
         return f"{value:,.{DECIMALS.get(column, 2)}f}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]"
