@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 from conftest import REPO, env_without_resnet
@@ -343,20 +344,23 @@ def test_timm_list_and_unknown_name(runner, app, timm):
 
 @pytest.fixture
 def lenet_onnx(nets, tmp_path):
+    """LeNet-5 exported by torch's TorchScript exporter (enough for a tiny model), with resnetcli metadata."""
     import onnx
     import torch
 
     model = load_nets(nets).LeNet5().eval()
     path = tmp_path / "lenet.onnx"
-    torch.onnx.export(
-        model,
-        (torch.zeros(1, 1, 32, 32),),
-        str(path),
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter says it is legacy
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 1, 32, 32),),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(
         proto, {"resnetcli.arch": "lenet5", "resnetcli.classes": json.dumps(list("0123456789"))}
