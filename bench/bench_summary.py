@@ -1,6 +1,6 @@
 """How much faster `resnet summary vit_h_14` is than building vit_h_14 with random initialisation.
 
-Runs, alternately and in one process (imports done once), `resnetcli.inspect.summarize("vit_h_14")`
+Runs, alternately and in one process (imports done once), `resnetcli.summary.summarize("vit_h_14")`
 (the model built on the meta device as its DEFAULT weights configure it, 518-pixel inputs, then the
 torchinfo layer tree) and `torchvision.models.vit_h_14(weights=None, image_size=518)` (the same
 model with random init on the CPU), and prints each one's median wall time and their ratio. Then
@@ -28,7 +28,7 @@ def main() -> None:
     import torch
     from torchvision import models
 
-    from resnetcli.inspect import summarize
+    from resnetcli.summary import summarize
 
     default = models.get_model_weights(args.arch).DEFAULT
     builder_kwargs = {"image_size": default.transforms().crop_size[0]} if args.arch.startswith("vit_") else {}
