@@ -49,6 +49,7 @@ def shell_lines(block: str) -> Iterator[str]:
 
 
 def _expand(token: str) -> str:
+    token = re.sub(r"\$\([^)]*\)", "x", token)  # a command substitution: any word will do
     for name, value in SHELL_VALUES.items():
         if name == "{}":
             token = token.replace("{}", value)
@@ -75,12 +76,16 @@ def resnet_commands(line: str) -> list[list[str]]:
         elif token in _REDIRECTIONS:
             skip_next = True  # the file redirected from or to
         else:
-            segments[-1].append(_expand(token))
+            segments[-1].append(token)
     commands = []
     for segment in segments:
         if "resnet" in segment:
-            commands.append(segment[segment.index("resnet") + 1 :])
+            commands.append([_expand(token) for token in segment[segment.index("resnet") + 1 :]])
     return commands
+
+
+#: Options whose callbacks act while the command line is parsed: never parsed by these checks.
+ACTING_OPTIONS = {"--install-completion", "--show-completion"}
 
 
 def parse(argv: list[str]):
@@ -93,6 +98,13 @@ def parse(argv: list[str]):
     from resnetcli.cli import app
 
     command = typer.main.get_command(app)
+    # These act as soon as they are parsed (they write to the user's shell start-up files): check
+    # only that the app has them.
+    acting = [word for word in argv if word in ACTING_OPTIONS]
+    if acting:
+        root_options = {option for param in command.params for option in param.opts}
+        assert set(acting) <= root_options, f"unknown option {acting} in {argv}"
+        return None
     name, args = "resnet", list(argv)
     parent = None
     while True:
@@ -122,17 +134,27 @@ def check_parses(argv: list[str], where: str) -> None:
         raise AssertionError(f"{where}: `resnet {shlex.join(argv)}` does not parse: {message}") from error
 
 
-def placeholder_files(argv: list[str], folder: Path) -> None:
-    """Create empty stand-ins, in `folder`, for the user's own files an example names (photo.jpg,
-    ft.pth, classes.txt), so that the parser's existence checks see them; repository files are linked."""
-    (folder / "sample_images").symlink_to(REPO / "sample_images")
+def with_placeholders(argv: list[str], folder: Path) -> list[str]:
+    """`argv` with the user's own files it names (photo.jpg, ft.pth, classes.txt, /media/usb/x.pth)
+    made into empty stand-ins under `folder`, so that the parser's existence checks see them.
+    Absolute paths are moved under `folder`; the repository's sample_images are linked there."""
+    link = folder / "sample_images"
+    if not link.exists():
+        link.symlink_to(REPO / "sample_images")
+    result = []
     for word in argv:
-        if word.startswith("-") or "://" in word or "*" in word or word.startswith("sample_images"):
-            continue
-        if re.fullmatch(r"[\w./-]+\.(jpe?g|png|pth|pt|txt|json|onnx|safetensors|csv)", word):
+        if (
+            not word.startswith(("-", "sample_images"))
+            and "://" not in word
+            and "*" not in word
+            and re.fullmatch(r"[\w./-]+\.(jpe?g|png|pth|pt|txt|json|onnx|safetensors|csv)", word)
+        ):
+            word = word.lstrip("/")
             path = folder / word
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
+        result.append(word)
+    return result
 
 
 #: Commands that run with nothing but the repository (no weights, no network): their examples are run.

@@ -58,7 +58,9 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 else:
                     module = node.module or ""
                 # `from pkg import sub` imports the module pkg.sub when there is one.
-                imported = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in files else module for alias in node.names]
+                imported = [
+                    f"{module}.{alias.name}" if f"{module}.{alias.name}" in files else module for alias in node.names
+                ]
             for full in imported:
                 if full == package or full.startswith(package + "."):
                     landed = target(full)
@@ -133,7 +135,9 @@ def direction_problems(root: Path) -> list[str]:
             if landed.rpartition(".")[2] in MODEL:
                 problems.append(f"file store {name} imports the model side: {landed}")
             for library in sorted(external[landed] & MODEL_LIBRARIES):
-                problems.append(f"file store {name} imports {library}" + ("" if landed == name else f" (through {landed})"))
+                problems.append(
+                    f"file store {name} imports {library}" + ("" if landed == name else f" (through {landed})")
+                )
     return problems
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from doc_commands import REPO, check_parses, placeholder_files, resnet_commands, runnable_here
+from doc_commands import REPO, check_parses, resnet_commands, runnable_here, with_placeholders
 
 from resnetcli.cli.examples import EXAMPLES
 
@@ -43,7 +43,12 @@ def env_80(**extra: str) -> dict[str, str]:
 
 def resnet(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "resnetcli", *args], capture_output=True, text=True, cwd=REPO, env=env_80(**env), timeout=120
+        [sys.executable, "-m", "resnetcli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env_80(**env),
+        timeout=120,
     )
 
 
@@ -87,9 +92,9 @@ def test_every_example_parses(path, example, tmp_path, monkeypatch):
     assert commands, example
     assert commands[0][: len(path.split())] == path.split() or path == ""
     monkeypatch.chdir(tmp_path)
-    placeholder_files([word for argv in commands for word in argv], tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
     for argv in commands:
-        check_parses(argv, f"`resnet {path} --help`")
+        check_parses(with_placeholders(argv, tmp_path), f"`resnet {path} --help`")
 
 
 def test_an_example_the_parser_rejects_fails_the_check():
@@ -111,7 +116,9 @@ def test_examples_that_need_no_weights_run(runner, app, monkeypatch):
                     result = runner.invoke(app, argv, prog_name="resnet")
                     assert result.exit_code == 0, (example, result.output)
                     ran.append(shlex.join(argv))
-    assert "summary resnet18" in ran and "list" in ran and "cache list" in ran and "features resnet50 --list-nodes" in ran
+    assert (
+        "summary resnet18" in ran and "list" in ran and "cache list" in ran and "features resnet50 --list-nodes" in ran
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +133,22 @@ def complete(words: str, **env: str) -> list[str]:
 
 
 def test_completion_of_enum_values(tmp_path):
-    assert complete("resnet predict x.jpg --format ", XDG_CACHE_HOME=str(tmp_path)) == ["table", "json", "jsonl", "csv", "tsv"]
+    assert complete("resnet predict x.jpg --format ", XDG_CACHE_HOME=str(tmp_path)) == [
+        "table",
+        "json",
+        "jsonl",
+        "csv",
+        "tsv",
+    ]
     assert complete("resnet summary resnet18 --format j", XDG_CACHE_HOME=str(tmp_path)) == ["json", "jsonl"]
-    assert complete("resnet list --sort ", XDG_CACHE_HOME=str(tmp_path)) == ["name", "acc@1", "acc@5", "params", "gflops", "size"]
+    assert complete("resnet list --sort ", XDG_CACHE_HOME=str(tmp_path)) == [
+        "name",
+        "acc@1",
+        "acc@5",
+        "params",
+        "gflops",
+        "size",
+    ]
     assert complete("resnet list --sort acc", XDG_CACHE_HOME=str(tmp_path)) == ["acc@1", "acc@5"]
     assert complete("resnet cache ", XDG_CACHE_HOME=str(tmp_path)) == ["list", "verify", "rm"]
 
@@ -155,8 +175,11 @@ def test_install_completion_writes_the_script_and_hooks_it_into_bashrc(tmp_path)
     )
     asked = subprocess.run(
         ["bash", "--norc", "-c", probe],
-        capture_output=True, text=True, env=env_80(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
-        cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env_80(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+        cwd=tmp_path,
+        timeout=120,
     )
     if asked.stdout.split() != ["list", "verify", "rm"]:
         # The script calls the `resnet` program: present as /work/venv/bin/resnet or after `pip install .`.
@@ -179,12 +202,15 @@ def cache_error(tmp_path: Path, *options: str, **env: str) -> subprocess.Complet
     return resnet(*options, "fetch", "--from-file", str(photo), "--sha256", digest, TORCH_HOME=str(blocker), **env)
 
 
+def cache_error_line(tmp_path: Path) -> str:
+    folder = tmp_path / "torch_home_is_a_file" / "hub" / "checkpoints"
+    return f"resnet: error: cannot create the weight cache folder {folder}: Not a directory"
+
+
 def test_errors_stay_one_line_without_debug(tmp_path):
     done = cache_error(tmp_path)
     assert done.returncode == 3
-    assert done.stderr.splitlines() == [
-        f"resnet: error: cannot create the weight cache folder {tmp_path}/torch_home_is_a_file/hub/checkpoints: Not a directory"
-    ]
+    assert done.stderr.splitlines() == [cache_error_line(tmp_path)]
 
 
 @pytest.mark.parametrize("how", ["--debug", "RESNET_DEBUG=1"])
@@ -193,7 +219,7 @@ def test_debug_shows_the_logs_and_the_full_chain(tmp_path, how):
     assert done.returncode == 3
     lines = done.stderr.splitlines()
     assert lines[0].startswith("resnet: debug: resnetcli.cli.app: resnetcli ")
-    error = f"resnet: error: cannot create the weight cache folder {tmp_path}/torch_home_is_a_file/hub/checkpoints: Not a directory"
+    error = cache_error_line(tmp_path)
     assert error in lines
     after = lines[lines.index(error) + 1 :]
     # The hidden cause first (NotADirectoryError, raised `from None`), then the domain error, with tracebacks.

@@ -12,13 +12,13 @@ import os
 import sys
 import traceback
 import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from typer.models import ParameterInfo
-from typing_extensions import Annotated
 
 from resnetcli import __version__
 from resnetcli.cli.examples import epilog
@@ -84,7 +84,7 @@ def debug_enabled(ctx: typer.Context) -> bool:
 def report_traceback(error: BaseException) -> None:
     """The full chain of `error`, innermost first, with tracebacks: also the causes hidden with `from None`."""
     chain: list[BaseException] = []
-    current: Optional[BaseException] = error
+    current: BaseException | None = error
     while current is not None and all(current is not seen for seen in chain):
         chain.append(current)
         current = current.__cause__ or current.__context__
@@ -159,7 +159,7 @@ def _attach_name_completion(function: Callable) -> None:
 # Help that reads like a well-kept CLI's
 
 
-def _value_name(param: TyperOption, ctx: typer.Context) -> Optional[str]:
+def _value_name(param: TyperOption, ctx: typer.Context) -> str | None:
     """What an option's value is called in help: its metavar, its choices, or TEXT/INTEGER/FLOAT/PATH."""
     if param.is_flag or param.count:
         return None  # a flag takes no value
@@ -175,14 +175,14 @@ def _value_name(param: TyperOption, ctx: typer.Context) -> Optional[str]:
 class _HelpOption(TyperOption):
     """Typer's option, shown click-style in help: `--top INTEGER`, `--strict` without a type."""
 
-    def display_type_rich(self, ctx: typer.Context) -> Optional[str]:
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
         return _value_name(self, ctx)
 
 
 class _HelpArgument(TyperArgument):
     """Typer's argument, shown as `INPUT...` (required) or `[NAME]...` (optional), without a type."""
 
-    def display_type_rich(self, ctx: typer.Context) -> Optional[str]:
+    def display_type_rich(self, ctx: typer.Context) -> str | None:
         return None
 
     def get_usage_pieces(self, ctx: typer.Context) -> list[str]:
@@ -263,7 +263,7 @@ class ResnetTyper(typer.Typer):
     """The app: commands registered on it complete registry names (NAME_COMPLETIONS) and show
     click-style help, whichever module declares them."""
 
-    def command(self, name: Optional[str] = None, *, cls: Optional[type[TyperCommand]] = None, **kwargs):
+    def command(self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs):
         register = super().command(name, cls=cls or ResnetCommand, **kwargs)
 
         def decorator(function):
@@ -309,7 +309,7 @@ app = ResnetTyper(
 @app.callback()
 def main_options(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--version",
             "-V",
@@ -338,7 +338,7 @@ def main_options(
 # Options shared by several commands
 
 FormatOption = Annotated[
-    Optional[OutputFormat],
+    OutputFormat | None,
     typer.Option(
         "--format",
         "-f",
@@ -351,12 +351,16 @@ OfflineOption = Annotated[
     typer.Option("--offline", help="Never touch the network; missing weights are an error (also RESNET_OFFLINE=1)."),
 ]
 MirrorOption = Annotated[
-    Optional[str],
-    typer.Option("--mirror", metavar="BASE_URL", help="Download weights from this base URL instead of the official host (also RESNET_MIRROR)."),
+    str | None,
+    typer.Option(
+        "--mirror",
+        metavar="BASE_URL",
+        help="Download weights from this base URL instead of the official host (also RESNET_MIRROR).",
+    ),
 ]
 
 
-def cache_settings(offline: bool, mirror: Optional[str]):
+def cache_settings(offline: bool, mirror: str | None):
     """CacheSettings from the command line and the environment."""
     from resnetcli.cache import CacheSettings
 
@@ -369,7 +373,7 @@ def download_progress() -> Iterator:
     if not sys.stderr.isatty():
         started: set[str] = set()
 
-        def log(name: str, done: int, total: Optional[int]) -> None:
+        def log(name: str, done: int, total: int | None) -> None:
             if name not in started:
                 started.add(name)
                 size = f" ({total / 1e6:.1f} MB)" if total else ""
@@ -395,7 +399,7 @@ def download_progress() -> Iterator:
         redirect_stdout=False,
     ) as progress:
 
-        def update(name: str, done: int, total: Optional[int]) -> None:
+        def update(name: str, done: int, total: int | None) -> None:
             if name not in tasks:
                 tasks[name] = progress.add_task(name, total=total)
             progress.update(tasks[name], completed=done, total=total)
