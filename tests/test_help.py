@@ -243,3 +243,15 @@ def test_debug_logs_reach_stderr_from_core_modules(runner, app, capfd):
         configure_logging(False)
     logging.getLogger("resnetcli.cache").debug("not shown")
     assert "not shown" not in capfd.readouterr().err
+
+
+def test_debug_adds_the_traceback_to_errors_reported_per_item(tmp_path):
+    quiet = resnet("cache", "rm", "nosuch.pth", TORCH_HOME=str(tmp_path))
+    loud = resnet("--debug", "cache", "rm", "nosuch.pth", TORCH_HOME=str(tmp_path))
+    assert quiet.returncode == loud.returncode == 1
+    line = f"resnet: error: nosuch.pth: not in the weight cache {tmp_path}/hub/checkpoints"
+    assert quiet.stderr.splitlines() == [line]
+    lines = loud.stderr.splitlines()
+    after = lines[lines.index(line) + 1 :]
+    assert after[0] == "Traceback (most recent call last):"
+    assert after[-1] == f"resnetcli.errors.InputError: nosuch.pth: not in the weight cache {tmp_path}/hub/checkpoints"

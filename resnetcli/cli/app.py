@@ -41,9 +41,11 @@ def warn(message: str) -> None:
 
 
 def report_error(error: BaseException) -> None:
-    """A domain error as one line on stderr."""
+    """A domain error as one line on stderr; with --debug, followed by its full chain and tracebacks."""
     text = " ".join(str(error).split()) or type(error).__name__
     say(f"error: {text}")
+    if debug_enabled():
+        report_traceback(error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,9 +78,9 @@ def configure_logging(debug: bool) -> None:
         root.setLevel(logging.NOTSET)
 
 
-def debug_enabled(ctx: typer.Context) -> bool:
-    """Whether --debug (or RESNET_DEBUG) is on for this invocation."""
-    return bool(ctx.find_root().params.get("debug"))
+def debug_enabled() -> bool:
+    """Whether --debug (or RESNET_DEBUG) is on for this invocation (set by configure_logging)."""
+    return _HANDLER in logging.getLogger("resnetcli").handlers
 
 
 def report_traceback(error: BaseException) -> None:
@@ -233,8 +235,6 @@ class ResnetGroup(TyperGroup):
             return super().invoke(ctx)
         except ResnetError as error:
             report_error(error)
-            if debug_enabled(ctx):
-                report_traceback(error)
             ctx.exit(int(error.exit_status))
         except KeyboardInterrupt:
             say("interrupted")
