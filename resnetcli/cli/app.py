@@ -1,5 +1,10 @@
 """The Typer application, its shared options, and the one place errors become exit codes.
 
+Commands register on `app` (a ResnetTyper) from their own modules; they get, without doing anything:
+name completion for parameters called `arch`, `weights` or `models` (Typer's `autocompletion`),
+click-style help, the examples of resnetcli.cli.examples as their help's epilog, and the error
+handling of ResnetGroup. `--debug`/RESNET_DEBUG turns on the `resnetcli` logger and tracebacks.
+
 Nothing here imports torch: `resnet --help` and shell completion must stay fast. Commands import
 the core modules inside their bodies.
 """
@@ -159,6 +164,14 @@ def _attach_name_completion(function: Callable) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Help that reads like a well-kept CLI's
+#
+# Why Typer shows `--strict <bool>`, `INPUT... <list[str]>` and `{INPUT...}...`: its rich help
+# prints `display_type_rich()` for every parameter, and TyperOption returns a `<type>` even for
+# flags, which take no value; TyperArgument always returns its annotation's type; and the usage
+# line wraps a required argument in braces and appends `...` even after a metavar that has one.
+# Typer has no setting for this, so the parameters Typer builds are given the two subclasses below
+# (same objects, no state added; only how help shows them), from get_params() of our command and
+# group classes, which covers the help option and the completion options Typer adds later too.
 
 
 def _value_name(param: TyperOption, ctx: typer.Context) -> str | None:
