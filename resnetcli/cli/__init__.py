@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from resnetcli.cli import cache, inspect, predict  # noqa: F401  (registers the subcommands)
+from resnetcli.cli import export  # noqa: F401
 from resnetcli.cli.app import PROG, app
 
 
