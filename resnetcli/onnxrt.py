@@ -15,6 +15,7 @@ same order (x / 255, then (x - mean) / std), so the tensors are bit-identical on
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -53,7 +54,7 @@ def open_session(path: Path, threads: int | None = None, option: str = "--weight
     except Exception as error:  # noqa: BLE001 - ORT raises its own pybind classes (InvalidProtobuf, Fail, ...)
         log.debug("onnxruntime could not open %s", path, exc_info=True)
         text = " ".join(str(error).split())
-        text = text.split("] ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
         raise CheckpointError(f"{path}: not a readable ONNX model ({text[:200] or type(error).__name__})") from None
 
 
