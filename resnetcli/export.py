@@ -18,16 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from resnetcli.errors import CheckpointError, UsageError, WeightsUnavailable
 from resnetcli.onnxmeta import EXPORTER, INPUT_NAME, OUTPUT_NAME, ModelInfo, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
     from resnetcli.registry import LoadedModel, WeightsChoice
 
 log = logging.getLogger(__name__)
@@ -78,9 +77,13 @@ class ExportResult:
 
 def preprocessing_of(transforms) -> Preprocessing:
     """The preprocessing a weights' transforms object (torchvision's ImageClassification) applies."""
-    missing = [name for name in ("resize_size", "crop_size", "mean", "std", "interpolation") if not hasattr(transforms, name)]
+    missing = [
+        name for name in ("resize_size", "crop_size", "mean", "std", "interpolation") if not hasattr(transforms, name)
+    ]
     if missing:
-        raise UsageError(f"the model's preprocessing ({type(transforms).__name__}) has no {', '.join(missing)} to export")
+        raise UsageError(
+            f"the model's preprocessing ({type(transforms).__name__}) has no {', '.join(missing)} to export"
+        )
     interpolation = getattr(transforms.interpolation, "value", transforms.interpolation)
     return Preprocessing(
         resize_size=tuple(int(v) for v in transforms.resize_size),
@@ -161,7 +164,12 @@ def export_loaded(
         temporary.unlink(missing_ok=True)
     log.debug("exported %s in %.1f s, max |logit difference| %.3g", output, time.monotonic() - started, difference)
     return ExportResult(
-        output, info, output.stat().st_size, tuple(p.name for p in photos), difference, tolerance,
+        output,
+        info,
+        output.stat().st_size,
+        tuple(p.name for p in photos),
+        difference,
+        tolerance,
         time.monotonic() - started,
     )
 
@@ -194,11 +202,9 @@ def _write_onnx(model, info: ModelInfo, path: Path, image_size) -> None:
             dynamic_shapes=({0: batch},),
             external_data=False,
         )
-    except Exception as error:  # noqa: BLE001 - exporter failures come in many classes
-        first = str(error).strip().splitlines()
-        raise CheckpointError(
-            f"{info.arch}: the ONNX exporter failed at opset {info.opset} ({first[0] if first else type(error).__name__})"
-        ) from error
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{info.arch}: the ONNX exporter failed at opset {info.opset} ({first})") from error
     program.model.metadata_props.update(info.metadata())
     program.save(path, external_data=False)
 
@@ -218,7 +224,9 @@ def _check(model, path: Path, batch, output: Path) -> tuple[float, float]:
             expected = model(images).float().numpy()
             actual = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
             if actual.shape != expected.shape:
-                raise WeightsUnavailable(f"{output}: export check failed: ONNX output {actual.shape}, torch {expected.shape}")
+                raise WeightsUnavailable(
+                    f"{output}: export check failed: ONNX output {actual.shape}, torch {expected.shape}"
+                )
             difference = max(difference, float(np.abs(actual - expected).max()))
             tolerance = max(tolerance, ATOL + RTOL * float(np.abs(expected).max()))
     if not difference <= tolerance:

@@ -5,7 +5,8 @@ lock, temporary file, rename and sha256 record as a download (`cache list`, `ver
 it as one more cached file). Its name holds the key, so that a later run finds it from the command
 line alone:
 
-    ARCH.WEIGHTS.SOURCE_SHA256[:16].EXPORTER_opsetN.onnx     e.g. resnet50.IMAGENET1K_V2.11ad3fa6a8d1b7f0.dynamo_opset18.onnx
+    ARCH.WEIGHTS.SOURCE_SHA256[:16].EXPORTER_opsetN.onnx
+    e.g. resnet50.IMAGENET1K_V2.11ad3fa6a8d1b7f0.dynamo_opset18.onnx
 
 where WEIGHTS is the torchvision weights name, `file` for a checkpoint file or `url` for a URL.
 (No `-<hex>.` in it: that would read as torch.hub's hash prefix of the file itself.) A pretrained
@@ -21,9 +22,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Sequence
 
 from resnetcli import cache, names
 from resnetcli.errors import UsageError
@@ -54,7 +55,9 @@ def _read_defaults() -> dict[str, str]:
         data = json.loads(_defaults_file().read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    return (
+        {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    )
 
 
 def _remember_default(arch: str, weights_name: str) -> None:

@@ -50,7 +50,7 @@ class Preprocessing:
         }
 
     @classmethod
-    def from_record(cls, data: object) -> "Preprocessing":
+    def from_record(cls, data: object) -> Preprocessing:
         """Parse the JSON form (sizes may be an int or a list of one or two ints); ValueError if malformed."""
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
@@ -58,8 +58,10 @@ class Preprocessing:
         def sizes(key: str) -> tuple[int, ...]:
             value = data.get(key)
             values = [value] if isinstance(value, int) else value
-            if not isinstance(values, list) or len(values) not in (1, 2) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+            if (
+                not isinstance(values, list)
+                or len(values) not in (1, 2)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
             ):
                 raise ValueError(f"{key} must be a positive integer or a list of one or two")
             return tuple(values)
@@ -107,7 +109,7 @@ class ModelInfo:
         }
 
     @classmethod
-    def from_metadata(cls, props: dict[str, str]) -> tuple["ModelInfo | None", list[str]]:
+    def from_metadata(cls, props: dict[str, str]) -> tuple[ModelInfo | None, list[str]]:
         """Parse `metadata_props`; returns (info, []) or (None, the missing or malformed parts)."""
         problems: list[str] = []
         get = props.get

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from resnetcli.errors import CheckpointError, UsageError
 from resnetcli.onnxmeta import ModelInfo, Preprocessing
@@ -51,14 +52,16 @@ def open_session(path: Path, threads: int | None = None, option: str = "--weight
         options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - ORT raises its own pybind classes (InvalidProtobuf, Fail, ...)
+    except Exception as error:
         log.debug("onnxruntime could not open %s", path, exc_info=True)
         text = " ".join(str(error).split())
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
         raise CheckpointError(f"{path}: not a readable ONNX model ({text[:200] or type(error).__name__})") from None
 
 
-def preprocessing_with_sizes(base: Preprocessing, input_size: int | None = None, resize: int | None = None) -> Preprocessing:
+def preprocessing_with_sizes(
+    base: Preprocessing, input_size: int | None = None, resize: int | None = None
+) -> Preprocessing:
     """`base` with another crop and/or resize size, as `predict.set_preprocessing` does on the torch
     side: given only `input_size`, the resize keeps the resize-to-crop ratio."""
     if input_size is None and resize is None:
@@ -95,7 +98,7 @@ def _pil_filter(name: str) -> int:
     }[name]
 
 
-def preprocess(image, spec: Preprocessing) -> "np.ndarray":
+def preprocess(image, spec: Preprocessing) -> np.ndarray:
     """A (3, H, W) float32 array from an RGB PIL image: resize, centre crop, scale, normalise."""
     import numpy as np
 
@@ -118,7 +121,7 @@ def preprocess(image, spec: Preprocessing) -> "np.ndarray":
     return np.ascontiguousarray((array - mean) / std)
 
 
-def softmax(logits: "np.ndarray") -> "np.ndarray":
+def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, shifted by the row maximum (as torch.softmax)."""
     import numpy as np
 
@@ -157,10 +160,10 @@ class OnnxClassifier:
 
         return f"onnxruntime {version('onnxruntime')} ({', '.join(self.session.get_providers())})"
 
-    def preprocess(self, image) -> "np.ndarray":
+    def preprocess(self, image) -> np.ndarray:
         return preprocess(image, self.info.preprocessing)
 
-    def classify(self, batch: "np.ndarray") -> "np.ndarray":
+    def classify(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, classes) for a preprocessed (N, 3, H, W) float32 batch."""
         import numpy as np
 
@@ -180,7 +183,9 @@ def _check_input(path: Path, session, crop_size: Sequence[int]) -> tuple[str, in
     """The input's name and fixed batch size (None if dynamic); CheckpointError unless N x 3 x H x W float."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise CheckpointError(f"{path}: the model takes {len(inputs)} inputs; an image classifier takes one, N x 3 x H x W float")
+        raise CheckpointError(
+            f"{path}: the model takes {len(inputs)} inputs; an image classifier takes one, N x 3 x H x W float"
+        )
     (model_input,) = inputs
     shape = list(model_input.shape)
     if model_input.type != "tensor(float)" or len(shape) != 4 or shape[1] != 3:
@@ -189,7 +194,7 @@ def _check_input(path: Path, session, crop_size: Sequence[int]) -> tuple[str, in
             f"{path}: the model's input is {model_input.type} {shown}; an image classifier takes N x 3 x H x W float"
         )
     crop = (crop_size[0], crop_size[-1])
-    for dim, wanted, what in zip(shape[2:], crop, ("height", "width")):
+    for dim, wanted, what in zip(shape[2:], crop, ("height", "width"), strict=False):
         if isinstance(dim, int) and dim != wanted:
             raise CheckpointError(
                 f"{path}: the model takes images of {what} {dim}, but the preprocessing crops {crop[0]}x{crop[1]}"
@@ -218,7 +223,11 @@ def open_classifier(
     props = dict(session.get_modelmeta().custom_metadata_map or {})
     info, problems = ModelInfo.from_metadata(props)
     if info is None:
-        problems = [p for p in problems if not (p == "class names" and labels) and not (p.startswith("preprocessing") and preprocessing)]
+        problems = [
+            p
+            for p in problems
+            if not (p == "class names" and labels) and not (p.startswith("preprocessing") and preprocessing)
+        ]
         if problems:
             raise CheckpointError(
                 f"{path}: the model has no resnetcli metadata ({', '.join(problems)} missing); export it with "
@@ -226,8 +235,13 @@ def open_classifier(
                 "--mean, --std, --interpolation)"
             )
         info = ModelInfo(
-            arch=props.get("resnetcli.arch") or path.stem, weights=path.name, source_sha256="",
-            classes=tuple(labels or ()), preprocessing=preprocessing, opset=0, exporter="",  # type: ignore[arg-type]
+            arch=props.get("resnetcli.arch") or path.stem,
+            weights=path.name,
+            source_sha256="",
+            classes=tuple(labels or ()),
+            preprocessing=preprocessing,
+            opset=0,
+            exporter="",  # type: ignore[arg-type]
         )
     if labels is not None:
         info = replace(info, classes=tuple(labels))

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, STEERED_CLASSES, env_without_resnet, sha256_file
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from resnetcli import __version__  # noqa: E402
-from resnetcli.errors import CheckpointError, ExitStatus, UsageError, WeightsUnavailable  # noqa: E402
+from resnetcli import __version__
+from resnetcli.errors import CheckpointError, ExitStatus, UsageError, WeightsUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,9 @@ def test_export_cli_checkpoint_error_one_line_nothing_written(runner, app, tmp_p
 
 
 def test_export_cli_both_weights_forms_is_usage_error(runner, app, tmp_path):
-    result = runner.invoke(app, ["export", "resnet18:IMAGENET1K_V1", "--weights", "none", "-o", str(tmp_path / "m.onnx")])
+    result = runner.invoke(
+        app, ["export", "resnet18:IMAGENET1K_V1", "--weights", "none", "-o", str(tmp_path / "m.onnx")]
+    )
     assert result.exit_code == ExitStatus.USAGE
     assert "not both" in result.stderr
 
@@ -140,7 +141,7 @@ def test_onnxruntime_top5_matches_torch_pipeline(steered_export, ranked_checkpoi
     batch = np.stack([classifier.preprocess(load_image(p)) for p in sample_images])
     probabilities = classifier.classify(batch)
     assert probabilities.shape == (len(sample_images), 1000)
-    for path, row in zip(sample_images, probabilities):
+    for path, row in zip(sample_images, probabilities, strict=False):
         expected = torch_records[path.name].top
         order = np.argsort(-row, kind="stable")[:5]
         assert [int(i) for i in order] == [s.index for s in expected]
@@ -151,8 +152,13 @@ def test_onnxruntime_top5_matches_torch_pipeline(steered_export, ranked_checkpoi
 
 @pytest.mark.parametrize(
     "weights_name",
-    ["ResNet50_Weights.IMAGENET1K_V2", "Inception_V3_Weights.IMAGENET1K_V1", "ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1",
-     "EfficientNet_B3_Weights.IMAGENET1K_V1", "RegNet_Y_400MF_Weights.IMAGENET1K_V2"],
+    [
+        "ResNet50_Weights.IMAGENET1K_V2",
+        "Inception_V3_Weights.IMAGENET1K_V1",
+        "ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1",
+        "EfficientNet_B3_Weights.IMAGENET1K_V1",
+        "RegNet_Y_400MF_Weights.IMAGENET1K_V2",
+    ],
 )
 def test_numpy_preprocessing_equals_torchvision(weights_name, sample_images, tmp_path):
     from PIL import Image
@@ -182,7 +188,9 @@ def test_numpy_preprocessing_pads_like_torchvision_when_crop_exceeds_resize(samp
     from resnetcli.onnxrt import preprocess, preprocessing_with_sizes
 
     base = ResNet18_Weights.DEFAULT.transforms()
-    theirs = ImageClassification(crop_size=300, resize_size=200, mean=base.mean, std=base.std, interpolation=base.interpolation)
+    theirs = ImageClassification(
+        crop_size=300, resize_size=200, mean=base.mean, std=base.std, interpolation=base.interpolation
+    )
     spec = preprocessing_with_sizes(preprocessing_of(base), input_size=300, resize=200)
     image = load_image(sample_images[1])
     assert float(np.abs(preprocess(image, spec) - theirs(image).numpy()).max()) <= 1e-6
@@ -275,7 +283,8 @@ def tiny_model(path: Path, elem_type: int, shape: list) -> Path:
     pool = helper.make_node("GlobalAveragePool", ["floats"], ["pooled"])
     flat = helper.make_node("Flatten", ["pooled"], ["logits"])
     graph = helper.make_graph(
-        [cast, pool, flat], "tiny",
+        [cast, pool, flat],
+        "tiny",
         [helper.make_tensor_value_info("input", elem_type, shape)],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [shape[0], shape[1]])],
     )
@@ -292,8 +301,11 @@ def tiny_model(path: Path, elem_type: int, shape: list) -> Path:
 
 @pytest.mark.parametrize(
     "elem_type, shape, shown",
-    [("FLOAT", ["N", 1, 8, 8], "tensor(float) N x 1 x 8 x 8"), ("INT64", ["N", 3, 8, 8], "tensor(int64) N x 3 x 8 x 8"),
-     ("FLOAT", ["N", 3, 8], "tensor(float) N x 3 x 8")],
+    [
+        ("FLOAT", ["N", 1, 8, 8], "tensor(float) N x 1 x 8 x 8"),
+        ("INT64", ["N", 3, 8, 8], "tensor(int64) N x 3 x 8 x 8"),
+        ("FLOAT", ["N", 3, 8], "tensor(float) N x 3 x 8"),
+    ],
 )
 def test_input_not_n3hw_float(tmp_path, elem_type, shape, shown):
     from onnx import TensorProto

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
-from typing_extensions import Annotated
 
-from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
+from resnetcli.cli.app import (
+    FormatOption,
+    MirrorOption,
+    OfflineOption,
+    app,
+    cache_settings,
+    download_progress,
+    say,
+    warn,
+)
 from resnetcli.cli.output import RecordWriter, choose_format
 
 EXPORT_COLUMNS = ["path", "arch", "weights", "opset", "classes", "size", "max_abs_diff", "tolerance", "source_sha256"]
@@ -29,21 +37,40 @@ EXPORT_EPILOG = """Examples:
 def export(
     models: Annotated[
         str,
-        typer.Argument(help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).", metavar="ARCH[:WEIGHTS]", show_default=False),
+        typer.Argument(
+            help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).",
+            metavar="ARCH[:WEIGHTS]",
+            show_default=False,
+        ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="The .onnx file to write (atomically).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", dir_okay=False, help="The .onnx file to write (atomically).")
+    ],
     weights: Annotated[
-        Optional[str],
-        typer.Option("--weights", "-w", help="A weights name, `none`, a checkpoint file or a URL (instead of ARCH:WEIGHTS)."),
+        str | None,
+        typer.Option(
+            "--weights", "-w", help="A weights name, `none`, a checkpoint file or a URL (instead of ARCH:WEIGHTS)."
+        ),
     ] = None,
     opset: Annotated[int, typer.Option("--opset", min=7, help="ONNX opset to write.")] = 18,
     labels: Annotated[
-        Optional[Path],
-        typer.Option("--labels", exists=True, dir_okay=False, help="Class names to store for a fine-tuned checkpoint: text or JSON."),
+        Path | None,
+        typer.Option(
+            "--labels",
+            exists=True,
+            dir_okay=False,
+            help="Class names to store for a fine-tuned checkpoint: text or JSON.",
+        ),
     ] = None,
     check_with: Annotated[
-        Optional[List[Path]],
-        typer.Option("--check-with", exists=True, dir_okay=False, metavar="IMAGE", help="Photos to compare ONNX Runtime with torch on (default: the sample photos)."),
+        list[Path] | None,
+        typer.Option(
+            "--check-with",
+            exists=True,
+            dir_okay=False,
+            metavar="IMAGE",
+            help="Photos to compare ONNX Runtime with torch on (default: the sample photos).",
+        ),
     ] = None,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
@@ -75,8 +102,9 @@ def export(
     if result.info.weights == "none":
         warn(f"{result.info.arch} was exported with random weights (--weights none)")
     say(
-        f"exported {result.path} ({result.size / 1e6:.1f} MB, opset {result.info.opset}); ONNX Runtime matches torch on "
-        f"{len(result.checked_on)} photos within {result.max_abs_diff:.2g} (tolerance {result.tolerance:.2g})"
+        f"exported {result.path} ({result.size / 1e6:.1f} MB, opset {result.info.opset}); "
+        f"ONNX Runtime matches torch on {len(result.checked_on)} photos within {result.max_abs_diff:.2g} "
+        f"(tolerance {result.tolerance:.2g})"
     )
     import sys
 
