@@ -39,11 +39,31 @@ def ranked_checkpoint(tmp_path_factory, steered_resnet18):
 
 @pytest.fixture(scope="module")
 def steered_export(tmp_path_factory, ranked_checkpoint):
-    """The discriminating checkpoint exported through the factory, as `resnet export` does."""
-    from resnetcli.export import export
+    """The discriminating checkpoint exported by `resnet export` (checked there against torch)."""
+    from typer.testing import CliRunner
+
+    from resnetcli.cli import app
+    from resnetcli.export import ExportResult
+    from resnetcli.onnxrt import open_classifier
 
     out = tmp_path_factory.mktemp("onnx") / "steered.onnx"
-    return export("resnet18", str(ranked_checkpoint), out)
+    result = CliRunner().invoke(
+        app, ["export", "resnet18", "--weights", str(ranked_checkpoint), "-o", str(out), "-f", "json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    assert record["path"] == str(out) and record["max_abs_diff"] <= record["tolerance"]
+    assert result.stderr.startswith(f"resnet: exported {out} (")
+    info = open_classifier(out).info
+    return ExportResult(
+        out,
+        info,
+        record["size"],
+        tuple(record["checked_on"]),
+        record["max_abs_diff"],
+        record["tolerance"],
+        record["seconds"],
+    )
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -392,3 +412,31 @@ def test_random_weights_are_not_cached(steered_resnet18):
 
     with pytest.raises(UsageError, match="not cached as an export"):
         ensure_export("resnet18", "none")
+
+
+def test_export_of_url_weights_cached_and_found_without_torch(
+    ranked_checkpoint, weight_server, checkpoint_dir, tmp_path
+):
+    import torch
+    from conftest import save_hub_style
+
+    from resnetcli.onnxcache import ensure_export, export_file_name, find_export
+
+    served = save_hub_style(torch.load(ranked_checkpoint, weights_only=True), tmp_path, "resnet18-ranked")
+    url = weight_server.add(served)
+    assert find_export("resnet18", url) is None  # not even downloaded yet
+    path = ensure_export("resnet18", url)
+    assert path == checkpoint_dir / export_file_name("resnet18", "url", sha256_file(served))
+    assert (checkpoint_dir / served.name).is_file()  # the weights were downloaded into the cache first
+    code = f"""
+import json, sys
+from resnetcli.onnxcache import find_export
+from resnetcli.onnxrt import open_classifier
+found = find_export("resnet18", {url!r})
+info = open_classifier(found).info
+print(json.dumps([str(found), info.weights, info.source_sha256,
+                  sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))]))
+"""
+    result = run_python(code, TORCH_HOME=os.environ["TORCH_HOME"], XDG_CACHE_HOME=os.environ["XDG_CACHE_HOME"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [str(path), url, sha256_file(served), []]
