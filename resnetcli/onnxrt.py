@@ -169,10 +169,12 @@ class OnnxClassifier:
 
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         step = self.fixed_batch or len(batch)
-        parts = [
-            self.session.run([self.output_name], {self.input_name: batch[i : i + step]})[0]
-            for i in range(0, len(batch), step)
-        ]
+        parts = []
+        for start in range(0, len(batch), step):
+            chunk = batch[start : start + step]
+            if len(chunk) < step:  # a model exported for a fixed batch size: pad the last chunk with zeros
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), np.float32)])
+            parts.append(self.session.run([self.output_name], {self.input_name: chunk})[0][: len(batch) - start])
         return softmax(np.concatenate(parts) if len(parts) != 1 else parts[0])
 
     def record(self) -> dict:

@@ -352,6 +352,22 @@ def test_tiny_valid_model_runs(tmp_path, sample_images):
     assert probabilities.shape == (1, 3) and abs(float(probabilities.sum()) - 1) < 1e-6
 
 
+def test_fixed_batch_model_takes_any_number_of_images(tmp_path, sample_images):
+    """A model exported for batch 2 classifies 3 images (in chunks, the last padded) as it would one by one."""
+    from onnx import TensorProto
+
+    from resnetcli.images import load_image
+    from resnetcli.onnxrt import open_classifier
+
+    fixed = open_classifier(tiny_model(tmp_path / "fixed.onnx", TensorProto.FLOAT, [2, 3, 8, 8]))
+    assert fixed.fixed_batch == 2
+    batch = np.stack([fixed.preprocess(load_image(p)) for p in sample_images[:3]])
+    together = fixed.classify(batch)
+    one_by_one = np.concatenate([fixed.classify(batch[i : i + 1]) for i in range(3)])
+    assert together.shape == (3, 3) and np.array_equal(together, one_by_one)
+    assert len({tuple(np.round(row, 4)) for row in together}) == 3  # three different photos, three answers
+
+
 def test_onnxruntime_not_installed_is_usage_error_with_install_command(steered_export):
     code = f"""
 import sys
