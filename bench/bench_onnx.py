@@ -35,7 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import (  # noqa: E402  (bench_predict imports nothing heavy at module level)
+from bench_predict import (
     PYTHON,
     REPO,
     RESNET,
@@ -105,12 +105,30 @@ def predict_takes_onnx(env: dict) -> bool:
 
 def onnx_command(model: Path, photos: list[Path], wired: bool, batch_size: int = 16) -> list[str]:
     if wired:
-        return [*RESNET, "predict", "--weights", str(model), "--batch-size", str(batch_size), "-f", "jsonl", *map(str, photos)]
+        return [
+            *RESNET,
+            "predict",
+            "--weights",
+            str(model),
+            "--batch-size",
+            str(batch_size),
+            "-f",
+            "jsonl",
+            *map(str, photos),
+        ]
     return [PYTHON, str(HERE), "--direct", str(model), "--batch-size", str(batch_size), *map(str, photos)]
 
 
 def naive_command(arch: str, checkpoint: Path, photos: list[Path]) -> list[str]:
-    return [PYTHON, str(REPO / "bench" / "naive_predict.py"), "--arch", arch, "--weights", str(checkpoint), *map(str, photos)]
+    return [
+        PYTHON,
+        str(REPO / "bench" / "naive_predict.py"),
+        "--arch",
+        arch,
+        "--weights",
+        str(checkpoint),
+        *map(str, photos),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +186,10 @@ def raw_inference(checkpoint: Path, model: Path, arch: str, images: int, batch_s
     base = load_model(arch, str(checkpoint)).model
     traced = fastpath.optimize_for_inference(base, example_shape=(batch_size, 3, 224, 224), images=images)
     classifier = open_classifier(model, threads=threads)
-    batches = [torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(images // batch_size)]
+    batches = [
+        torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(i))
+        for i in range(images // batch_size)
+    ]
     arrays = [np.ascontiguousarray(b.numpy()) for b in batches]
 
     def run_torch() -> None:
@@ -182,7 +203,12 @@ def raw_inference(checkpoint: Path, model: Path, arch: str, images: int, batch_s
 
     for warm in (run_torch, run_ort):
         warm()
-    return compare_in_process(f"raw inference {arch}, batch {batch_size}, {threads} threads", {"traced torch graph (fast path)": run_torch, "ONNX Runtime": run_ort}, repeats, images)
+    return compare_in_process(
+        f"raw inference {arch}, batch {batch_size}, {threads} threads",
+        {"traced torch graph (fast path)": run_torch, "ONNX Runtime": run_ort},
+        repeats,
+        images,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,24 +247,44 @@ def main() -> None:
 
         rows += compare_processes(
             "cat.jpg, cold process, resnet50",
-            {"naive script": naive_command("resnet50", checkpoints["resnet50"], [cat]), ort_name: onnx_command(models["resnet50"], [cat], wired)},
-            repeats, env, images=1,
+            {
+                "naive script": naive_command("resnet50", checkpoints["resnet50"], [cat]),
+                ort_name: onnx_command(models["resnet50"], [cat], wired),
+            },
+            repeats,
+            env,
+            images=1,
         )
         rows += compare_processes(
             "64 mixed photos, resnet18",
-            {"naive script": naive_command("resnet18", checkpoints["resnet18"], photos64), ort_name: onnx_command(models["resnet18"], photos64, wired)},
-            repeats, env, images=64,
+            {
+                "naive script": naive_command("resnet18", checkpoints["resnet18"], photos64),
+                ort_name: onnx_command(models["resnet18"], photos64, wired),
+            },
+            repeats,
+            env,
+            images=64,
         )
         big = f"{big_count} mixed photos (0.1-10 MP), resnet50"
         rows += compare_processes(
             big,
-            {"naive script": naive_command("resnet50", checkpoints["resnet50"], photos_big), ort_name: onnx_command(models["resnet50"], photos_big, wired)},
-            max(2, repeats // 2), env, images=big_count,
+            {
+                "naive script": naive_command("resnet50", checkpoints["resnet50"], photos_big),
+                ort_name: onnx_command(models["resnet50"], photos_big, wired),
+            },
+            max(2, repeats // 2),
+            env,
+            images=big_count,
         )
         rows += compare_processes(
-            "start-up", {"resnet --help": [*RESNET, "--help"], "python -c 'import torch'": [PYTHON, "-c", "import torch"]}, repeats, env
+            "start-up",
+            {"resnet --help": [*RESNET, "--help"], "python -c 'import torch'": [PYTHON, "-c", "import torch"]},
+            repeats,
+            env,
         )
-        rows += raw_inference(checkpoints["resnet50"], models["resnet50"], "resnet50", 64 if args.quick else 128, 16, repeats)
+        rows += raw_inference(
+            checkpoints["resnet50"], models["resnet50"], "resnet50", 64 if args.quick else 128, 16, repeats
+        )
 
         from resnetcli.onnxrt import open_classifier
 
@@ -249,7 +295,8 @@ def main() -> None:
     limit = (decode_cs + infer_cs) / cores() + startup
     measured = next(r.wall_s for r in rows if r.group == big and r.name == ort_name)
     arithmetic = (
-        f"physical limit = (decode+preprocess {decode_cs:.2f} core-s + inference {infer_cs:.2f} core-s) / {cores()} cores "
+        f"physical limit = (decode+preprocess {decode_cs:.2f} core-s + inference {infer_cs:.2f} core-s)"
+        f" / {cores()} cores "
         f"+ start-up {startup:.2f} s = {limit:.2f} s; measured {measured:.2f} s = {measured / limit:.2f}x the limit"
     )
 
@@ -263,28 +310,53 @@ def main() -> None:
     raw_group = next(r.group for r in rows if r.group.startswith("raw inference"))
     raw = by(raw_group, "traced torch graph (fast path)").wall_s / by(raw_group, "ONNX Runtime").wall_s
     targets = [
-        Target("cat.jpg cold, resnet50: ORT wall / naive wall", by("cat.jpg, cold process, resnet50", ort_name).wall_s / by("cat.jpg, cold process, resnet50", "naive script").wall_s, "<= 0.3", False),
+        Target(
+            "cat.jpg cold, resnet50: ORT wall / naive wall",
+            by("cat.jpg, cold process, resnet50", ort_name).wall_s
+            / by("cat.jpg, cold process, resnet50", "naive script").wall_s,
+            "<= 0.3",
+            False,
+        ),
         Target("64 photos, resnet18: ORT images/s / naive", rate_ratio("64 mixed photos, resnet18"), ">= 2", False),
         Target(f"{big_count} photos, resnet50: ORT images/s / naive", rate_ratio(big), ">= 2", False),
         Target(f"{big_count} photos, resnet50: wall / physical limit", measured / limit, "<= 1.15", False),
         Target("raw inference: traced torch time / ORT time", raw, "> 1 means ORT faster", False),
-        Target("resnet --help / import torch", by("start-up", "resnet --help").wall_s / by("start-up", "python -c 'import torch'").wall_s, "<= 0.15", False),
+        Target(
+            "resnet --help / import torch",
+            by("start-up", "resnet --help").wall_s / by("start-up", "python -c 'import torch'").wall_s,
+            "<= 0.15",
+            False,
+        ),
     ]
-    goals = {"<= 0.3": lambda v: v <= 0.3, ">= 2": lambda v: v >= 2, "<= 1.15": lambda v: v <= 1.15, "<= 0.15": lambda v: v <= 0.15}
+    goals = {
+        "<= 0.3": lambda v: v <= 0.3,
+        ">= 2": lambda v: v >= 2,
+        "<= 1.15": lambda v: v <= 1.15,
+        "<= 0.15": lambda v: v <= 0.15,
+    }
     targets = [Target(t.name, t.value, t.goal, goals.get(t.goal, lambda v: v > 1)(t.value)) for t in targets]
     print(markdown(rows))
     print()
     print(markdown_targets(targets))
     print()
     print(arithmetic)
-    print(f"default runtime for large jobs: {'ONNX Runtime' if raw > 1 else 'the traced torch graph'} (raw inference {raw:.2f}x)")
+    print(
+        f"default runtime for large jobs: {'ONNX Runtime' if raw > 1 else 'the traced torch graph'}"
+        f" (raw inference {raw:.2f}x)"
+    )
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cores": cores(),
         "ort_side": ort_name,
         "rows": [asdict(r) for r in rows],
         "targets": [asdict(t) for t in targets],
-        "physical_limit": {"decode_core_s": decode_cs, "inference_core_s": infer_cs, "startup_s": startup, "limit_s": limit, "measured_s": measured},
+        "physical_limit": {
+            "decode_core_s": decode_cs,
+            "inference_core_s": infer_cs,
+            "startup_s": startup,
+            "limit_s": limit,
+            "measured_s": measured,
+        },
         "samples": [p.name for p in SAMPLES],
     }
     out = REPO / "bench" / "results" / ("onnx-quick.json" if args.quick else "onnx-latest.json")

@@ -24,16 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resnetcli.errors import CheckpointError, UsageError, WeightsUnavailable
-from resnetcli.onnxmeta import EXPORTER, INPUT_NAME, OUTPUT_NAME, ModelInfo, Preprocessing
+from resnetcli.onnxmeta import DEFAULT_OPSET, EXPORTER, INPUT_NAME, OUTPUT_NAME, ModelInfo, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     from resnetcli.registry import LoadedModel, WeightsChoice
 
 log = logging.getLogger(__name__)
 
-#: The opset written when `--opset` is not given: the lowest the dynamo exporter emits natively
-#: (asking it for an older one runs the ONNX version converter, which fails on some graphs).
-DEFAULT_OPSET = 18
 #: ONNX Runtime's logits must lie within ATOL + RTOL * max|logit| of eager torch's. Measured
 #: differences are 3e-6 on random-init resnet18 (logits ~1) and ~2e-5 on a steered head
 #: (logits ~50): float32 reassociation. A wrong graph differs by whole units.
@@ -205,6 +202,11 @@ def _write_onnx(model, info: ModelInfo, path: Path, image_size) -> None:
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{info.arch}: the ONNX exporter failed at opset {info.opset} ({first})") from error
+    written = program.model.opset_imports.get("")
+    if written != info.opset:
+        # Below its native opset the exporter tries the ONNX version converter, and on failure keeps
+        # its own opset (resnet18 at 17: "Failed to convert the model to the target version 17").
+        raise CheckpointError(f"{info.arch}: the ONNX exporter cannot write opset {info.opset} (it wrote {written})")
     program.model.metadata_props.update(info.metadata())
     program.save(path, external_data=False)
 

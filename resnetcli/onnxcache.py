@@ -28,12 +28,12 @@ from pathlib import Path
 
 from resnetcli import cache, names
 from resnetcli.errors import UsageError
+from resnetcli.onnxmeta import DEFAULT_OPSET
 
 log = logging.getLogger(__name__)
 
 #: The exporter settings in a cached export's name (resnetcli.export.EXPORTER, opset appended).
 EXPORTER_TAG = "dynamo"
-DEFAULT_OPSET = 18  # = resnetcli.export.DEFAULT_OPSET, kept here so the lookup does not import torch
 SUFFIX = ".onnx"
 
 

@@ -18,6 +18,7 @@ from resnetcli.cli.app import (
     warn,
 )
 from resnetcli.cli.output import RecordWriter, choose_format
+from resnetcli.onnxmeta import DEFAULT_OPSET, MIN_OPSET
 
 EXPORT_COLUMNS = ["path", "arch", "weights", "opset", "classes", "size", "max_abs_diff", "tolerance", "source_sha256"]
 
@@ -52,7 +53,9 @@ def export(
             "--weights", "-w", help="A weights name, `none`, a checkpoint file or a URL (instead of ARCH:WEIGHTS)."
         ),
     ] = None,
-    opset: Annotated[int, typer.Option("--opset", min=7, help="ONNX opset to write.")] = 18,
+    opset: Annotated[
+        int, typer.Option("--opset", min=MIN_OPSET, help="ONNX opset to write (the exporter's own or later).")
+    ] = DEFAULT_OPSET,
     labels: Annotated[
         Path | None,
         typer.Option(
