@@ -126,6 +126,19 @@ def test_export_mismatch_is_an_error(steered_export, tmp_path):
         _check(other, steered_export.path, batch, tmp_path / "x.onnx")
 
 
+def test_export_below_the_exporters_opset_is_an_error_and_leaves_the_old_file(tmp_path):
+    """Asked for opset 17 the exporter falls back to 18 after a failed conversion: refused, not mislabelled."""
+    from resnetcli import registry
+    from resnetcli.export import export_loaded
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+    loaded = registry.load_model("squeezenet1_1", "none")
+    with pytest.raises(CheckpointError, match=r"cannot write opset 17 \(it wrote 18\)"):
+        export_loaded(loaded, out, source_sha="none", opset=17)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"] and out.read_bytes() == b"the previous export"
+
+
 def test_export_cli_checkpoint_error_one_line_nothing_written(runner, app, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
