@@ -469,3 +469,42 @@ print(json.dumps([str(found), info.weights, info.source_sha256,
     result = run_python(code, TORCH_HOME=os.environ["TORCH_HOME"], XDG_CACHE_HOME=os.environ["XDG_CACHE_HOME"])
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [str(path), url, sha256_file(served), []]
+
+
+def test_pretrained_names_and_default_map_to_the_cached_export_without_torch(steered_export, checkpoint_dir):
+    """No pretrained weights exist here, so the export is put in the cache by the cache's own
+    produce step; what is tested is the torch-free mapping of `--weights` values to it."""
+    import shutil
+
+    from resnetcli import names
+    from resnetcli.onnxcache import _remember_default, export_file_name, produce
+
+    names.remember()  # the names file completion keeps
+    sha = "ab" * 32
+    path = produce(
+        export_file_name("resnet18", "IMAGENET1K_V1", sha), lambda p: shutil.copyfile(steered_export.path, p)
+    )
+    code = """
+import json, sys
+from resnetcli.onnxcache import find_export
+specs = [None, "DEFAULT", "IMAGENET1K_V1", "imagenet1k_v1", "ResNet18_Weights.IMAGENET1K_V1", "IMAGENET1K_V9", "none"]
+found = {str(spec): str(find_export(arch, spec)) for arch in ["ResNet18"] for spec in specs}
+print(json.dumps([found, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))]))
+"""
+    env = {"TORCH_HOME": os.environ["TORCH_HOME"], "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    before = json.loads(run_python(code, **env).stdout)[0]
+    assert before["IMAGENET1K_V1"] == str(path) and before["None"] == "None"  # DEFAULT unknown until recorded
+    _remember_default("resnet18", "IMAGENET1K_V1")  # what ensure_export does after exporting DEFAULT
+    result = run_python(code, **env)
+    assert result.returncode == 0, result.stderr
+    found, torch_modules = json.loads(result.stdout)
+    assert torch_modules == []
+    assert found == {
+        "None": str(path),
+        "DEFAULT": str(path),
+        "IMAGENET1K_V1": str(path),
+        "imagenet1k_v1": str(path),
+        "ResNet18_Weights.IMAGENET1K_V1": str(path),
+        "IMAGENET1K_V9": "None",
+        "none": "None",
+    }
