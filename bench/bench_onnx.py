@@ -155,9 +155,10 @@ def inference_core_seconds(model: Path, count: int, batch_size: int) -> float:
     classifier = open_classifier(model, threads=1)
     batch = np.random.default_rng(0).standard_normal((batch_size, 3, 224, 224), dtype=np.float32)
     classifier.classify(batch)  # warm-up
+    sizes = [batch_size] * (count // batch_size) + ([count % batch_size] if count % batch_size else [])
     start = time.perf_counter()
-    for _ in range(count // batch_size):
-        classifier.classify(batch)
+    for size in sizes:
+        classifier.classify(batch[:size])
     return time.perf_counter() - start
 
 
@@ -217,6 +218,7 @@ def raw_inference(checkpoint: Path, model: Path, arch: str, images: int, batch_s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer photos and repetitions")
+    parser.add_argument("--smoke", action="store_true", help="one repetition of a few photos: checks the script runs")
     parser.add_argument("--direct", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("images", nargs="*")
@@ -227,8 +229,10 @@ def main() -> None:
 
     from resnetcli.export import export
 
-    repeats = 3 if args.quick else 7
-    big_count = 64 if args.quick else 256
+    repeats = 1 if args.smoke else 3 if args.quick else 7
+    big_count = 8 if args.smoke else 64 if args.quick else 256
+    small_count = 8 if args.smoke else 64
+    small = f"{small_count} mixed photos, resnet18"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
@@ -239,7 +243,7 @@ def main() -> None:
         for arch, checkpoint in checkpoints.items():
             print(f"exporting {arch}", file=sys.stderr, flush=True)
             models[arch] = export(arch, str(checkpoint), folder / f"{arch}.onnx").path
-        photos64 = make_photos(folder / "photos64", 64)
+        photos64 = make_photos(folder / "photos64", small_count)
         photos_big = make_photos(folder / "photos_big", big_count)
         cat = REPO / "sample_images" / "cat.jpg"
         wired = predict_takes_onnx(env)
@@ -256,14 +260,14 @@ def main() -> None:
             images=1,
         )
         rows += compare_processes(
-            "64 mixed photos, resnet18",
+            small,
             {
                 "naive script": naive_command("resnet18", checkpoints["resnet18"], photos64),
                 ort_name: onnx_command(models["resnet18"], photos64, wired),
             },
             repeats,
             env,
-            images=64,
+            images=small_count,
         )
         big = f"{big_count} mixed photos (0.1-10 MP), resnet50"
         rows += compare_processes(
@@ -283,7 +287,12 @@ def main() -> None:
             env,
         )
         rows += raw_inference(
-            checkpoints["resnet50"], models["resnet50"], "resnet50", 64 if args.quick else 128, 16, repeats
+            checkpoints["resnet50"],
+            models["resnet50"],
+            "resnet50",
+            16 if args.smoke else 64 if args.quick else 128,
+            16,
+            repeats,
         )
 
         from resnetcli.onnxrt import open_classifier
@@ -317,7 +326,7 @@ def main() -> None:
             "<= 0.3",
             False,
         ),
-        Target("64 photos, resnet18: ORT images/s / naive", rate_ratio("64 mixed photos, resnet18"), ">= 2", False),
+        Target(f"{small}: ORT images/s / naive", rate_ratio(small), ">= 2", False),
         Target(f"{big_count} photos, resnet50: ORT images/s / naive", rate_ratio(big), ">= 2", False),
         Target(f"{big_count} photos, resnet50: wall / physical limit", measured / limit, "<= 1.15", False),
         Target("raw inference: traced torch time / ORT time", raw, "> 1 means ORT faster", False),
@@ -359,7 +368,12 @@ def main() -> None:
         },
         "samples": [p.name for p in SAMPLES],
     }
-    out = REPO / "bench" / "results" / ("onnx-quick.json" if args.quick else "onnx-latest.json")
+    out = (
+        REPO
+        / "bench"
+        / "results"
+        / ("onnx-smoke.json" if args.smoke else "onnx-quick.json" if args.quick else "onnx-latest.json")
+    )
     out.write_text(json.dumps(result, indent=1))
 
 
