@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from resnetcli.cli import cache, inspect, predict  # noqa: F401  (registers the subcommands)
+from resnetcli.cli import train  # noqa: F401  (finetune, eval)
 from resnetcli.cli.app import PROG, app
 
 
