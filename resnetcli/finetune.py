@@ -17,11 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from resnetcli import __version__, registry
 from resnetcli.datasets import Sample, Split
@@ -143,6 +146,28 @@ def base_weights_name(choice: registry.WeightsChoice) -> str:
     return choice.url or registry.NO_WEIGHTS
 
 
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block is done, then raise KeyboardInterrupt.
+
+    An interrupt inside torch.save can surface as another error raised while its zip writer
+    unwinds; deferring it keeps the save whole and the exit code 130. Only the main thread can
+    handle signals: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        log.debug("Ctrl-C held back until the checkpoint was written")
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file next to `path`, flushed to disk, then renamed over it: a reader
     (or an interrupted run) only ever sees the previous complete file or the new complete one."""
@@ -151,10 +176,11 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
+            with deferred_interrupt():
+                torch.save(payload, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+                os.replace(temporary, path)
     except OSError as error:
         raise UsageError(f"{path}: cannot write the checkpoint: {error.strerror or error}") from None
     finally:
@@ -434,7 +460,13 @@ class Trainer:
         import torch
 
         if self.standardised:
-            _, _, weight, bias = self.standardised
+            mean, std, weight, bias = self.standardised
+            module = self.head_module
+            with torch.no_grad():
+                # Re-derived from the head at every epoch, so that a resumed run (which only has the
+                # head) continues bit for bit as the uninterrupted one.
+                weight.copy_(module.weight * std)
+                bias.copy_(module.bias + module.weight @ mean)
             head = lambda x: torch.nn.functional.linear(x, weight, bias)  # noqa: E731
         else:
             head = self.head_module
