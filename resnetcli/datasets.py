@@ -6,8 +6,9 @@ A DATA argument is one of
 - a CSV file (`path,label` rows, an optional header) or a JSONL file (`{"path": ..., "label": ...}`
   per line); relative paths are relative to the list's folder.
 
-Nothing here decodes images (that is `resnetcli.images.load_image`, the decoder of predict), and
-nothing imports torch. The order is deterministic: classes sorted by name, files sorted by path.
+Listing is torch-free; `ImageReader` decodes with predict's decoder (`resnetcli.images.load_image`)
+and preprocesses (torch imported when it runs). The order is deterministic: classes sorted by name,
+files sorted by path.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
-from resnetcli.errors import UsageError
-from resnetcli.images import is_image_file
+from resnetcli.errors import InputError, UsageError
+from resnetcli.images import is_image_file, load_image
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,8 @@ def _classes(samples: list[Sample], where: Path) -> tuple[str, ...]:
 
 
 def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Split each class's samples with a seeded shuffle: `round(n * fraction)` to val (at least one,
-    and at least one left to train, when a class has two or more)."""
+    """Split each class's samples with a seeded shuffle: `round(n * fraction)` to val (with a fraction
+    above 0, at least one, and at least one left to train, when a class has two or more)."""
     by_class: dict[str, list[Sample]] = {}
     for sample in samples:
         by_class.setdefault(sample.label, []).append(sample)
@@ -123,9 +126,9 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
         members = list(by_class[label])
         random.Random(f"{seed}:{label}").shuffle(members)
         count = round(len(members) * fraction)
-        if len(members) >= 2:
+        if fraction > 0 and len(members) >= 2:
             count = min(max(count, 1), len(members) - 1)
-        else:
+        elif len(members) < 2:
             count = 0
         val.extend(sorted(members[:count], key=lambda s: s.path))
         train.extend(sorted(members[count:], key=lambda s: s.path))
@@ -163,3 +166,68 @@ def load_eval_set(data: Path) -> list[Sample]:
     samples = _folder_samples(root)
     _classes(samples, root)
     return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the images
+
+
+class ImageReader:
+    """Decodes samples with predict's decoder; a bad image is reported once (`on_skip`) and skipped,
+    or stops the run with `strict`."""
+
+    def __init__(self, transforms, workers: int, strict: bool, on_skip: Callable[[str], None]) -> None:
+        self.transforms = transforms
+        self.strict = strict
+        self.on_skip = on_skip
+        self.skipped: dict[str, str] = {}
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="resnet-finetune")
+
+    def _load(self, sample: Sample, augment):
+        if sample.path in self.skipped:
+            return None
+        try:
+            image = load_image(sample.path, offline=True)
+            return image if augment else self.transforms(image)
+        except InputError as error:
+            return error
+
+    def batches(self, samples: Sequence[Sample], batch_size: int, augment=None):
+        """(tensor batch, samples kept) for consecutive slices of `samples`; decoding runs ahead in the pool."""
+        import torch
+
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            outcomes = list(self.pool.map(lambda s: self._load(s, augment), chunk))
+            kept, tensors = [], []
+            for sample, outcome in zip(chunk, outcomes):
+                if isinstance(outcome, InputError):
+                    if self.strict:
+                        raise outcome
+                    self.skipped[sample.path] = str(outcome)
+                    self.on_skip(str(outcome))
+                elif outcome is not None:
+                    kept.append(sample)
+                    tensors.append(augment(outcome) if augment is not None else outcome)
+            if tensors:
+                yield torch.stack(tensors), kept
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def augmentation(transforms):
+    """Light augmentation for `--augment`: a random crop of 60-100% of the image and a horizontal flip,
+    then the weights' own normalisation; drawn from torch's generator, seeded per epoch."""
+    from torchvision import transforms as T
+
+    crop = transforms.crop_size[0]
+    return T.Compose(
+        [
+            T.RandomResizedCrop(crop, scale=(0.6, 1.0), interpolation=transforms.interpolation, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+            T.ConvertImageDtype(__import__("torch").float32),
+            T.Normalize(transforms.mean, transforms.std),
+        ]
+    )

@@ -14,31 +14,29 @@ written after every epoch to a temporary file that is then renamed over OUT.pth.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import signal
-import threading
 import time
-from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from resnetcli import __version__, registry
-from resnetcli.datasets import Sample, Split
-from resnetcli.errors import CheckpointError, InputError, UsageError
-from resnetcli.heads import Head, TrainMode, find_head, replace_head, set_trainable, trainable_names
-from resnetcli.images import load_image
+from resnetcli.datasets import ImageReader, Sample, Split, augmentation
+from resnetcli.errors import UsageError
+from resnetcli.finetuned import (
+    FORMAT,
+    base_weights_name,
+    load_finetuned,
+    preprocessing_record,
+    read_checkpoint,
+    save_checkpoint,
+)
+from resnetcli.heads import TrainMode, find_head, replace_head, set_trainable, trainable_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 log = logging.getLogger(__name__)
-
-FORMAT = "resnetcli.finetune/1"
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
@@ -101,195 +99,6 @@ def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:
     if all(epoch.val_accuracy is not None for epoch in epochs):
         return max(epochs, key=lambda e: (e.val_accuracy, -e.epoch))
     return min(epochs, key=lambda e: (e.train_loss, e.epoch))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint format
-
-
-def preprocessing_record(transforms) -> dict:
-    """The checkpoint's "preprocessing" entry, read from the weights' transforms object."""
-    interpolation = getattr(transforms, "interpolation", None)
-    return {
-        "resize_size": int(transforms.resize_size[0]),
-        "crop_size": int(transforms.crop_size[0]),
-        "mean": [float(v) for v in transforms.mean],
-        "std": [float(v) for v in transforms.std],
-        "interpolation": getattr(interpolation, "value", str(interpolation)),
-    }
-
-
-def transforms_from(record: dict):
-    """torchvision's ImageClassification preprocessing from a checkpoint's "preprocessing" entry."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms._presets import ImageClassification
-
-    return ImageClassification(
-        crop_size=record["crop_size"],
-        resize_size=record["resize_size"],
-        mean=tuple(record["mean"]),
-        std=tuple(record["std"]),
-        interpolation=InterpolationMode(record["interpolation"]),
-    )
-
-
-def base_weights_name(choice: registry.WeightsChoice) -> str:
-    """"ResNet18_Weights.IMAGENET1K_V1", "none", a checkpoint file's sha256, or a URL."""
-    if choice.pretrained is not None:
-        return f"{type(choice.pretrained).__name__}.{choice.pretrained.name}"
-    if choice.path is not None:
-        digest = hashlib.sha256()
-        with open(choice.path, "rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-    return choice.url or registry.NO_WEIGHTS
-
-
-@contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back until the block is done, then raise KeyboardInterrupt.
-
-    An interrupt inside torch.save can surface as another error raised while its zip writer
-    unwinds; deferring it keeps the save whole and the exit code 130. Only the main thread can
-    handle signals: elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        log.debug("Ctrl-C held back until the checkpoint was written")
-        raise KeyboardInterrupt
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """torch.save to a temporary file next to `path`, flushed to disk, then renamed over it: a reader
-    (or an interrupted run) only ever sees the previous complete file or the new complete one."""
-    import torch
-
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as stream:
-            with deferred_interrupt():
-                torch.save(payload, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-                os.replace(temporary, path)
-    except OSError as error:
-        raise UsageError(f"{path}: cannot write the checkpoint: {error.strerror or error}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A fine-tuned checkpoint's dict, loaded with weights_only=True; CheckpointError if it is not one."""
-    import pickle
-
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable fine-tuned checkpoint ({str(error).splitlines()[0]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint written by `resnet finetune`")
-    return payload
-
-
-def is_finetuned_checkpoint(path: Path) -> bool:
-    """Whether a file is a fine-tuned checkpoint (memory-mapped: cheap however large the file)."""
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not one
-        log.debug("%s is not a fine-tuned checkpoint", path, exc_info=True)
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
-
-
-# TEMPORARY (finetune branch): the lead replaces this with the factory's fine-tuned checkpoint
-# reader at merge time; until then eval (and tests) load OUT.pth through it.
-def load_finetuned(path: Path, payload: dict | None = None) -> registry.LoadedModel:
-    """Build the model of a fine-tuned checkpoint: its architecture, head, classes and preprocessing."""
-    payload = payload if payload is not None else read_checkpoint(path)
-    arch = registry.resolve_architecture(payload["arch"])
-    choice = registry.WeightsChoice(arch, "checkpoint", path=Path(path))
-    loaded = registry.build_model(choice, state_dict=payload["state_dict"], labels=list(payload["classes"]))
-    loaded.transforms = transforms_from(payload["preprocessing"])
-    return loaded
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading images
-
-
-class ImageReader:
-    """Decodes samples with predict's decoder; a bad image is reported once (`on_skip`) and skipped,
-    or stops the run with `strict`."""
-
-    def __init__(self, transforms, workers: int, strict: bool, on_skip: Callable[[str], None]) -> None:
-        self.transforms = transforms
-        self.strict = strict
-        self.on_skip = on_skip
-        self.skipped: dict[str, str] = {}
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="resnet-finetune")
-
-    def _load(self, sample: Sample, augment):
-        if sample.path in self.skipped:
-            return None
-        try:
-            image = load_image(sample.path, offline=True)
-            return image if augment else self.transforms(image)
-        except InputError as error:
-            return error
-
-    def batches(self, samples: Sequence[Sample], batch_size: int, augment=None):
-        """(tensor batch, samples kept) for consecutive slices of `samples`; decoding runs ahead in the pool."""
-        import torch
-
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            outcomes = list(self.pool.map(lambda s: self._load(s, augment), chunk))
-            kept, tensors = [], []
-            for sample, outcome in zip(chunk, outcomes):
-                if isinstance(outcome, InputError):
-                    if self.strict:
-                        raise outcome
-                    self.skipped[sample.path] = str(outcome)
-                    self.on_skip(str(outcome))
-                elif outcome is not None:
-                    kept.append(sample)
-                    tensors.append(augment(outcome) if augment is not None else outcome)
-            if tensors:
-                yield torch.stack(tensors), kept
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
-def augmentation(transforms):
-    """Light augmentation for `--augment`: a random crop of 60-100% of the image and a horizontal flip,
-    then the weights' own normalisation; drawn from torch's generator, seeded per epoch."""
-    from torchvision import transforms as T
-
-    crop = transforms.crop_size[0]
-    return T.Compose(
-        [
-            T.RandomResizedCrop(crop, scale=(0.6, 1.0), interpolation=transforms.interpolation, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.PILToTensor(),
-            T.ConvertImageDtype(__import__("torch").float32),
-            T.Normalize(transforms.mean, transforms.std),
-        ]
-    )
 
 
 def _logits(output):

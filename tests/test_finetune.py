@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SAMPLE_DIR, STEERED_CLASSES, env_without_resnet
 
 CLASSES = ["cat", "coffee", "rocket"]

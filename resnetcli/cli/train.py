@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -14,16 +13,8 @@ from typing_extensions import Annotated
 
 from resnetcli.cli.app import MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format, print_table
-from resnetcli.errors import ExitStatus
-
-
-class TrainChoice(str, Enum):
-    """`--train`: what is trained (mirrors resnetcli.heads.TrainMode, which the CLI must not import eagerly)."""
-
-    head = "head"
-    last_stage = "last-stage"
-    all = "all"
-
+from resnetcli.errors import ExitStatus, UsageError
+from resnetcli.heads import TrainMode  # torch-free: an Enum and functions that import torch when called
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "val_accuracy", "seconds"]
 EVAL_COLUMNS = ["input", "label", "predicted", "prob", "correct", "in_top5"]
@@ -121,7 +112,7 @@ def finetune(
     arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture (`resnet list`); default resnet50, or the --resume checkpoint's.")] = None,
     weights: WeightsOption = "DEFAULT",
     train: Annotated[
-        Optional[TrainChoice],
+        Optional[TrainMode],
         typer.Option("--train", case_sensitive=False, help="head: only the new head (backbone frozen; default); last-stage: also the last stage; all: everything."),
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs in all (with --resume: including those done).")] = 10,
@@ -146,14 +137,16 @@ def finetune(
     `resnet predict`, `summary` and `eval` read."""
     from resnetcli.datasets import load_split
     from resnetcli.finetune import FinetuneConfig, Trainer
-    from resnetcli.heads import TrainMode
     from resnetcli.predict import default_workers, resolve_device
+
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: the folder {output.parent} does not exist")
 
     split = load_split(data, val_split=val_split, seed=seed)
     config = FinetuneConfig(
         arch=arch or "resnet50",
         weights=weights,
-        train=TrainMode(train.value if train is not None else "head"),
+        train=train or TrainMode.head,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -213,7 +206,7 @@ def evaluate_command(
     per-class precision/recall/F1, confusion matrix, misclassified images."""
     from resnetcli.datasets import load_eval_set
     from resnetcli.evaluate import evaluate, plot_confusion
-    from resnetcli.finetune import is_finetuned_checkpoint, load_finetuned
+    from resnetcli.finetuned import is_finetuned_checkpoint, load_finetuned
     from resnetcli.predict import resolve_device
     from resnetcli.registry import load_model
 
@@ -223,8 +216,6 @@ def evaluate_command(
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            from resnetcli.errors import UsageError
-
             raise UsageError("--plot needs matplotlib: pip install 'resnetcli[plot]'") from None
     weights_path = Path(weights).expanduser()
     if weights_path.is_file() and is_finetuned_checkpoint(weights_path):
