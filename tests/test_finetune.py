@@ -369,3 +369,21 @@ def test_head_replaced_for_every_architecture():
         assert only_head and all(name.startswith(head.name + ".") for name in only_head), arch
         stage = trainable_names(model, head.name, TrainMode.last_stage)
         assert set(only_head) < set(stage) < set(names), arch
+
+
+def test_plot_without_matplotlib_is_one_clear_line(dataset, tmp_path):
+    """A stand-in `matplotlib` package that fails to import, first on the path of a real subprocess."""
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "resnetcli", "eval", str(dataset), "-w", "none", "-a", "resnet18", "--plot", str(tmp_path / "c.png")],
+        cwd=REPO,
+        env=env_without_resnet(PYTHONPATH=os.pathsep.join([str(blocker.parent), str(REPO)])),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "resnet: error: --plot needs matplotlib: pip install 'resnetcli[plot]'"
+    assert not (tmp_path / "c.png").exists()

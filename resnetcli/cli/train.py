@@ -220,6 +220,8 @@ def evaluate_command(
     weights_path = Path(weights).expanduser()
     if weights_path.is_file() and is_finetuned_checkpoint(weights_path):
         loaded = load_finetuned(weights_path)
+        if arch is not None and arch.strip().lower() != loaded.arch:
+            warn(f"--arch {arch} ignored: {weights_path} is a fine-tuned {loaded.arch}")
     else:
         with download_progress() as on_progress:
             loaded = load_model(arch or "resnet50", weights, settings=cache_settings(offline, mirror), on_progress=on_progress)
