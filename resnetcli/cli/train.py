@@ -133,8 +133,12 @@ def finetune(
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
 ) -> None:
-    """Train a new classifier head (and optionally more) on your own classes; writes OUT.pth, which
-    `resnet predict`, `summary` and `eval` read."""
+    """Teach a backbone your own classes: a new head (and optionally more) trained on DATA, saved to OUT.pth.
+
+    With the backbone frozen (--train head, no --augment) its features are computed once and the head
+    is trained on them. OUT.pth is rewritten after every epoch; Ctrl-C keeps the last complete one and
+    --resume OUT.pth continues from it. `resnet predict`, `summary` and `eval` read OUT.pth.
+    """
     from resnetcli.datasets import load_split
     from resnetcli.finetune import FinetuneConfig, Trainer
     from resnetcli.predict import default_workers, resolve_device
@@ -202,8 +206,11 @@ def evaluate_command(
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
 ) -> None:
-    """Score a model on labelled images (DATA's val/ if it has one, else every image): top-1, top-5,
-    per-class precision/recall/F1, confusion matrix, misclassified images."""
+    """Score a model on labelled images: top-1, top-5, per-class precision/recall/F1, confusion matrix, errors.
+
+    DATA's val/ is used if it has one, else every image. Class folder names must be class names of
+    the model (ImageNet category names, or a fine-tuned checkpoint's classes).
+    """
     from resnetcli.datasets import load_eval_set
     from resnetcli.evaluate import evaluate, plot_confusion
     from resnetcli.finetuned import is_finetuned_checkpoint, load_finetuned
