@@ -159,7 +159,7 @@ def test_ctrl_c_leaves_the_last_epoch_and_resume_matches_the_uninterrupted_run(a
             time.sleep(0.02)
         assert out.exists(), process.stderr.read() if process.poll() is not None else "no checkpoint within 120 s"
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)  # the epoch being written is finished first (fsync under load)
+        _, stderr = process.communicate(timeout=240)  # the epoch being written is finished first (fsync under load)
     finally:
         if process.poll() is None:
             process.kill()
