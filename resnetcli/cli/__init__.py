@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from resnetcli.cli import cache, export, models, predict  # noqa: F401  (registers the subcommands)
+from resnetcli.cli import cache, export, models, predict, train  # noqa: F401  (registers the subcommands)
 from resnetcli.cli.app import PROG, app
 
 
