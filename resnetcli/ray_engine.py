@@ -205,16 +205,18 @@ def _run(items: Iterable[Input], constructor: dict, session: dict, pool: dict, *
         context.print_on_execution_start = False
         if not log.isEnabledFor(logging.DEBUG):
             logging.getLogger("ray.data").setLevel(logging.ERROR)
+        actors = pool["actors"] or default_actors(ray, pool["cpus_per_actor"], pool["gpus_per_actor"])
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 10_000)))
         del rows
         predictions = dataset.map_batches(
             Classifier,
             fn_constructor_kwargs=constructor,
-            compute=ray.data.ActorPoolStrategy(size=pool["actors"] or default_actors(ray, pool["cpus_per_actor"], pool["gpus_per_actor"])),
+            compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=pool["cpus_per_actor"],
             num_gpus=pool["gpus_per_actor"] or None,
+            runtime_env=actor_environment(),
         )
         with warnings.catch_warnings():
             # Ray Data warns when a pool has more actors than a small job has blocks: expected here.
@@ -224,9 +226,17 @@ def _run(items: Iterable[Input], constructor: dict, session: dict, pool: dict, *
                     yield record(row)
                 return
             sink = jsonl_sink(output_dir)
-            # Writers need no CPU of their own: the actors hold them all, and writing is I/O.
-            predictions.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+            # Writers need no CPU of their own (the actors hold them all, and writing is I/O), and as
+            # many of them as actors keep up: more would only start idle Python workers.
+            predictions.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=actors)
         yield from sink.failures
+
+
+def actor_environment() -> dict | None:
+    """The runtime environment of the actors: this process's TORCH_HOME (where the weights were
+    fetched, e.g. a shared folder) and RESNET_* settings (offline, mirror, timeout), when set."""
+    names = [name for name in os.environ if name == "TORCH_HOME" or name.startswith("RESNET_")]
+    return {"env_vars": {name: os.environ[name] for name in names}} if names else None
 
 
 def check_output_dir(path: str) -> None:

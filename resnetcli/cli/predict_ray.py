@@ -8,6 +8,7 @@ level.
 from __future__ import annotations
 
 import sys
+from contextlib import redirect_stdout
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -82,9 +83,10 @@ def predict_on_ray(
     )
     failed = 0
     if options.get("output_dir") is not None:
-        for entry in records:
-            failed += 1
-            say(f"error: {one_line(entry['error'])}")
+        with redirect_stdout(sys.stderr):
+            for entry in records:
+                failed += 1
+                say(f"error: {one_line(entry['error'])}")
         if failed:
             raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
         return
@@ -94,7 +96,9 @@ def predict_on_ray(
     fmt = choose_format(output_format, stream)
     title = f"{options.get('arch')} ({options.get('weights')})"
     try:
-        with RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer:
+        # Ray's driver prints its raylet's warnings to sys.stdout (ray._private.worker
+        # listen_error_messages); they go to stderr, while the records go to the stream taken above.
+        with redirect_stdout(sys.stderr), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer:
             for entry in records:
                 writer.write(entry)
                 if "error" in entry:
