@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from typing import BinaryIO, Iterable, Iterator, Sequence
@@ -176,7 +177,14 @@ def run_on_ray(
 
     # Checked when called, not when first iterated: before any output file is opened.
     require_ray()
-    resolve_weights(arch, weights)  # unknown names are usage errors before any Ray process starts
+    choice = resolve_weights(arch, weights)  # unknown names are usage errors before any Ray process starts
+    if address is None and choice.kind in ("pretrained", "url"):
+        # A local instance's actors share this machine's weight cache: get the file here, once, so
+        # that missing weights are exit code 3 before Ray starts and no actor downloads them.
+        from resnetcli.cache import CacheSettings
+        from resnetcli.registry import state_dict_for
+
+        state_dict_for(choice, CacheSettings.from_env(offline=offline, mirror=mirror))
     if output_dir is not None:
         check_output_dir(output_dir)
     constructor = {
@@ -204,7 +212,9 @@ def _run(items: Iterable[Input], constructor: dict, session: dict, pool: dict, *
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         if not log.isEnabledFor(logging.DEBUG):
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            # Failures are re-raised to the caller, which reports them; Ray Data would log each one
+            # with its stack trace first.
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         actors = pool["actors"] or default_actors(ray, pool["cpus_per_actor"], pool["gpus_per_actor"])
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 10_000)))
         del rows
@@ -218,7 +228,7 @@ def _run(items: Iterable[Input], constructor: dict, session: dict, pool: dict, *
             num_gpus=pool["gpus_per_actor"] or None,
             runtime_env=actor_environment(),
         )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), actor_errors(ray):
             # Ray Data warns when a pool has more actors than a small job has blocks: expected here.
             warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")
             if output_dir is None:
@@ -230,6 +240,26 @@ def _run(items: Iterable[Input], constructor: dict, session: dict, pool: dict, *
             # many of them as actors keep up: more would only start idle Python workers.
             predictions.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=actors)
         yield from sink.failures
+
+
+@contextmanager
+def actor_errors(ray):
+    """Turn an actor that died of a resnetcli error (weights it cannot get, a checkpoint that does not
+    fit) into that error, with its exit code, instead of Ray's remote traceback."""
+    import resnetcli.errors
+
+    try:
+        yield
+    except ray.exceptions.RayError as error:
+        # Ray keeps only the text of an actor's creation error: its last line names the class.
+        found = re.findall(r"^resnetcli\.errors\.(\w+): (.+)$", str(error), flags=re.MULTILINE)
+        kind = getattr(resnetcli.errors, found[-1][0], None) if found else None
+        if not (isinstance(kind, type) and issubclass(kind, resnetcli.errors.ResnetError)):
+            raise
+        log.debug("actor failed", exc_info=True)
+        failure = kind.__new__(kind)
+        Exception.__init__(failure, found[-1][1])
+        raise failure from None
 
 
 def actor_environment() -> dict | None:

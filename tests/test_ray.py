@@ -338,3 +338,25 @@ def test_classifier_takes_bytes_and_pandas_batches(discriminating, photo_folder)
     assert records[0]["top"][0]["index"] == STEERED_CLASSES["cat.jpg"]
     assert records[2]["top"][0]["index"] == STEERED_CLASSES["rocket.jpg"]
     assert [len(r["top"]) for r in (records[0], records[2])] == [2, 2]
+
+
+@pytest.mark.ray
+def test_address_runs_on_an_existing_cluster_and_reports_actor_errors(ray_instance, photo_folder, cli_env, tmp_path):
+    """--address HOST:PORT joins the test's own Ray instance (left running afterwards). Actors that
+    cannot get their weights (offline, not in their cache) are exit code 3 with resnetcli's one line."""
+    address = ray_instance.get_runtime_context().gcs_address
+    env = dict(cli_env, TORCH_HOME=str(tmp_path / "empty_cache"))
+    result = resnet(
+        "predict", str(photo_folder / "cat_0.jpg"), "-a", "resnet18", "--offline", "--engine", "ray",
+        "--address", address, "--actors", "1", env=env,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("resnet: ")]
+    assert lines == [
+        f"resnet: error: resnet18-f37072fd.pth is not in the weight cache {tmp_path / 'empty_cache'}/hub/checkpoints "
+        "and downloads are off (offline mode); get it with `resnet fetch resnet18:IMAGENET1K_V1` where the network "
+        "is reachable, or copy it in with `resnet fetch --from-file PATH resnet18:IMAGENET1K_V1`"
+    ]
+    assert "Traceback" not in result.stderr
+    assert ray_instance.is_initialized() and ray_instance.cluster_resources().get("CPU") == 2

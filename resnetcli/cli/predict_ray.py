@@ -7,11 +7,13 @@ level.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -56,6 +58,20 @@ OutputDirOption = Annotated[
 ]  # fmt: skip
 
 
+@contextmanager
+def ray_notices_away() -> Iterator[None]:
+    """Ray's driver prints its raylet's notices (task retries with remote tracebacks, idle workers) to
+    sys.stdout (ray._private.worker.listen_error_messages): send them to stderr with --debug, else
+    drop them (failures reach the user as resnetcli's one-line errors). Records are written to
+    the stream opened before, never through sys.stdout."""
+    if logging.getLogger("resnetcli").isEnabledFor(logging.DEBUG):
+        with redirect_stdout(sys.stderr):
+            yield
+        return
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
+
+
 def predict_on_ray(
     inputs: List[str],
     *,
@@ -83,7 +99,7 @@ def predict_on_ray(
     )
     failed = 0
     if options.get("output_dir") is not None:
-        with redirect_stdout(sys.stderr):
+        with ray_notices_away():
             for entry in records:
                 failed += 1
                 say(f"error: {one_line(entry['error'])}")
@@ -96,9 +112,7 @@ def predict_on_ray(
     fmt = choose_format(output_format, stream)
     title = f"{options.get('arch')} ({options.get('weights')})"
     try:
-        # Ray's driver prints its raylet's warnings to sys.stdout (ray._private.worker
-        # listen_error_messages); they go to stderr, while the records go to the stream taken above.
-        with redirect_stdout(sys.stderr), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer:
+        with ray_notices_away(), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer:
             for entry in records:
                 writer.write(entry)
                 if "error" in entry:
