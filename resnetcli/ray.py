@@ -94,7 +94,10 @@ class Classifier:
         crop = getattr(self.loaded.transforms, "crop_size", None) or [224]
         # images=None: an actor classifies many images, so the traced graph pays back its set-up.
         self.model = optimize_for_inference(
-            self.loaded.model, device=resolve_device(device), example_shape=(batch_size, 3, crop[0], crop[-1]), images=None
+            self.loaded.model,
+            device=resolve_device(device),
+            example_shape=(batch_size, 3, crop[0], crop[-1]),
+            images=None,
         )
         self.pool = ThreadPoolExecutor(max_workers=workers or self.threads, thread_name_prefix="resnet-decode")
         log.debug("Classifier ready: %s (%s), %d threads", self.loaded.arch, self.loaded.weights.name, self.threads)
@@ -209,13 +212,17 @@ def _present(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _sources(columns: dict, *, offline: bool = False, timeout: float = 30.0) -> tuple[list[str], list[Callable[[], Any]]]:
+def _sources(
+    columns: dict, *, offline: bool = False, timeout: float = 30.0
+) -> tuple[list[str], list[Callable[[], Any]]]:
     """The name of each row's image and a function decoding it."""
     from resnetcli.images import MAX_DOWNLOAD_BYTES, load_image
 
     found = [name for name in SOURCE_COLUMNS if name in columns]
     if not found:
-        raise ValueError(f"Classifier: a batch needs one of the columns {', '.join(SOURCE_COLUMNS)}; got {', '.join(columns)}")
+        raise ValueError(
+            f"Classifier: a batch needs one of the columns {', '.join(SOURCE_COLUMNS)}; got {', '.join(columns)}"
+        )
     column = found[0]
     values = list(columns[column])
     if column == "bytes":

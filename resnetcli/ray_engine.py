@@ -34,7 +34,9 @@ def require_ray():
     try:
         import resnetcli.ray as ray_api
     except ImportError as error:
-        raise UsageError(f"--engine ray needs Ray Data: pip install 'resnetcli[ray]' ({error.__cause__ or error})") from None
+        raise UsageError(
+            f"--engine ray needs Ray Data: pip install 'resnetcli[ray]' ({error.__cause__ or error})"
+        ) from None
     return ray_api
 
 
@@ -55,7 +57,11 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, obje
     # Ray's notices (token authentication, deprecations, progress) would bury the per-input lines on
     # stderr; with resnetcli's debug logging on (--debug) they are shown.
     quiet = not log.isEnabledFor(logging.DEBUG)
-    options: dict = {"include_dashboard": False, "logging_level": logging.ERROR if quiet else logging.INFO, "log_to_driver": not quiet}
+    options: dict = {
+        "include_dashboard": False,
+        "logging_level": logging.ERROR if quiet else logging.INFO,
+        "log_to_driver": not quiet,
+    }
     if address is None:
         options["num_cpus"] = num_cpus or usable_cpu_count()
         if object_store_memory:
@@ -119,7 +125,7 @@ def expand_uri(uri: str, *, recursive: bool = True) -> Iterator[Input]:
         entry.path
         for entry in found
         if entry.type == pyarrow.fs.FileType.File
-        and not any(part.startswith(".") for part in entry.path[len(stem):].split("/"))
+        and not any(part.startswith(".") for part in entry.path[len(stem) :].split("/"))
         and os.path.splitext(entry.base_name)[1].lower() in image_extensions()
     )
     if not images:
@@ -188,9 +194,10 @@ def run_on_ray(
     if output_dir is not None:
         check_output_dir(output_dir)
     constructor = {
-        "arch": arch, "weights": weights, "top": top, "threshold": threshold, "labels": list(labels) if labels else None,
-        "preprocess": preprocess, "input_size": input_size, "resize": resize, "device": device, "threads": threads,
-        "workers": workers, "offline": offline, "mirror": mirror, "batch_size": batch_size,
+        "arch": arch, "weights": weights, "top": top, "threshold": threshold,
+        "labels": list(labels) if labels else None, "preprocess": preprocess, "input_size": input_size,
+        "resize": resize, "device": device, "threads": threads, "workers": workers, "offline": offline,
+        "mirror": mirror, "batch_size": batch_size,
     }  # fmt: skip
     items = expand_sources(inputs, recursive=recursive, stdin=stdin, null=null)
     if shard is not None:
@@ -200,7 +207,9 @@ def run_on_ray(
     return _run(items, constructor, session, pool, batch_size=batch_size, output_dir=output_dir)
 
 
-def _run(items: Iterable[Input], constructor: dict, session: dict, pool: dict, *, batch_size: int, output_dir: str | None):
+def _run(
+    items: Iterable[Input], constructor: dict, session: dict, pool: dict, *, batch_size: int, output_dir: str | None
+):
     rows = [{"path": item.source, "error": item.error} for item in items]
     if not rows:
         return
@@ -293,7 +302,9 @@ def jsonl_sink(path: str):
             self.failures: list[dict] = []
 
         def write_block_to_file(self, block, file) -> None:
-            lines = (json.dumps(record(row), ensure_ascii=False) + "\n" for row in block.iter_rows(public_row_format=True))
+            lines = (
+                json.dumps(record(row), ensure_ascii=False) + "\n" for row in block.iter_rows(public_row_format=True)
+            )
             file.write("".join(lines).encode("utf-8"))
 
         def write(self, blocks, ctx) -> list[dict]:

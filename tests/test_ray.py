@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, STEERED_CLASSES, save_hub_style
 
 TOLERANCE = 1e-3
@@ -128,7 +126,12 @@ def cli_env(tmp_path):
 
 def resnet(*args: str, env: dict, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "resnetcli", *args], env=env, input=stdin, capture_output=True, text=True, timeout=RUN_TIMEOUT
+        [sys.executable, "-m", "resnetcli", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
     )
 
 
@@ -158,7 +161,15 @@ def assert_same_records(got: list[dict], expected: list[dict]) -> None:
 @pytest.mark.ray
 def test_engine_ray_gives_the_local_records(discriminating, photo_folder, cli_env, runner, app):
     """A folder of 30 inputs (6 broken) and a missing file: the same records, in the same order, exit 1."""
-    args = ["predict", str(photo_folder), str(photo_folder / "missing.jpg"), "-a", "resnet18", "-w", str(discriminating)]
+    args = [
+        "predict",
+        str(photo_folder),
+        str(photo_folder / "missing.jpg"),
+        "-a",
+        "resnet18",
+        "-w",
+        str(discriminating),
+    ]
     local = runner.invoke(app, [*args, "-k", "5", "-f", "jsonl", "-b", "4"])
     assert local.exit_code == 1, local.stderr
     expected = records_of(local.stdout)
@@ -263,15 +274,21 @@ def test_engine_ray_without_ray_is_a_usage_error_naming_the_extra(sample_images,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("resnet: error: --engine ray needs Ray Data: pip install 'resnetcli[ray]'")
+    assert len(lines) == 1 and lines[0].startswith(
+        "resnet: error: --engine ray needs Ray Data: pip install 'resnetcli[ray]'"
+    )
     assert result.stdout == "" and not output.exists()
 
+    importer = blocker.replace("from resnetcli.cli import main", "import resnetcli.ray").replace("main()", "")
     plain = subprocess.run(
-        [sys.executable, "-c", blocker.replace("from resnetcli.cli import main", "import resnetcli.ray").replace("main()", "")],
+        [sys.executable, "-c", importer],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert plain.returncode == 1
-    assert "ImportError: resnetcli.ray needs Ray Data, which is not installed: pip install 'resnetcli[ray]'" in plain.stderr
+    assert (
+        "ImportError: resnetcli.ray needs Ray Data, which is not installed: pip install 'resnetcli[ray]'"
+        in plain.stderr
+    )
 
 
 def test_ray_options_need_engine_ray(sample_images, runner, app):
@@ -301,7 +318,9 @@ def test_classifier_in_a_user_pipeline(ray_instance, discriminating, photo_folde
     from resnetcli.ray import Classifier, record
 
     paths = sorted(str(p) for p in photo_folder.iterdir())
-    local = runner.invoke(app, ["predict", *paths, "-a", "resnet18", "-w", str(discriminating), "-k", "5", "-f", "jsonl"])
+    local = runner.invoke(
+        app, ["predict", *paths, "-a", "resnet18", "-w", str(discriminating), "-k", "5", "-f", "jsonl"]
+    )
     expected = records_of(local.stdout)
 
     ray = ray_instance

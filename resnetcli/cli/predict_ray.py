@@ -30,7 +30,9 @@ class Engine(str, Enum):
 
 EngineOption = Annotated[
     Engine,
-    typer.Option("--engine", case_sensitive=False, help="local: this process. ray: Ray Data actors (needs resnetcli[ray])."),
+    typer.Option(
+        "--engine", case_sensitive=False, help="local: this process. ray: Ray Data actors (needs resnetcli[ray])."
+    ),
 ]
 AddressOption = Annotated[
     Optional[str],
@@ -41,13 +43,17 @@ AddressOption = Annotated[
 ]  # fmt: skip
 ActorsOption = Annotated[
     Optional[int],
-    typer.Option("--actors", min=1, help="Model actors (--engine ray). Default: the cluster's CPUs / --cpus-per-actor."),
+    typer.Option(
+        "--actors", min=1, help="Model actors (--engine ray). Default: the cluster's CPUs / --cpus-per-actor."
+    ),
 ]
 CpusPerActorOption = Annotated[
-    float, typer.Option("--cpus-per-actor", min=0.01, help="CPUs each actor reserves, and its torch threads (--engine ray).")
+    float,
+    typer.Option("--cpus-per-actor", min=0.01, help="CPUs each actor reserves, and its torch threads (--engine ray)."),
 ]
 GpusPerActorOption = Annotated[
-    float, typer.Option("--gpus-per-actor", min=0.0, help="GPUs each actor reserves (--engine ray); the model runs there.")
+    float,
+    typer.Option("--gpus-per-actor", min=0.0, help="GPUs each actor reserves (--engine ray); the model runs there."),
 ]
 OutputDirOption = Annotated[
     Optional[str],
@@ -86,7 +92,14 @@ def predict_on_ray(
     or into `--output-dir`; exit 1 when an input failed."""
     from resnetcli.cli.app import say
     from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
-    from resnetcli.cli.predict import PREDICT_COLUMNS, SUFFIX_FORMATS, one_line, open_output, prediction_rows, read_labels
+    from resnetcli.cli.predict import (
+        PREDICT_COLUMNS,
+        SUFFIX_FORMATS,
+        one_line,
+        open_output,
+        prediction_rows,
+        read_labels,
+    )
     from resnetcli.inputs import parse_shard
     from resnetcli.ray_engine import run_on_ray
 
@@ -112,7 +125,10 @@ def predict_on_ray(
     fmt = choose_format(output_format, stream)
     title = f"{options.get('arch')} ({options.get('weights')})"
     try:
-        with ray_notices_away(), RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer:
+        with (
+            ray_notices_away(),
+            RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer,
+        ):
             for entry in records:
                 writer.write(entry)
                 if "error" in entry:
