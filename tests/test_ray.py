@@ -95,11 +95,19 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def wait_for_no_processes(marker: str, within: float) -> list[int]:
+def wait_for_no_processes(marker: str, within: float) -> list[str]:
+    """The command lines of the marked processes still there after `within` seconds (workers exit on
+    their own once their raylet is gone, which takes a while on a loaded machine)."""
     deadline = time.monotonic() + within
     while (left := marked_processes(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return left
+    commands = []
+    for pid in left:
+        try:
+            commands.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            pass  # exited meanwhile
+    return commands
 
 
 @pytest.fixture
@@ -184,7 +192,7 @@ def test_engine_ray_gives_the_local_records(discriminating, photo_folder, cli_en
     assert all(r["top"][0]["index"] == steered_class(r["input"]) for r in steered)
     errors = [line for line in result.stderr.splitlines() if line.startswith("resnet: error: ")]
     assert errors == [f"resnet: error: {r['error']}" for r in expected if "error" in r]
-    assert wait_for_no_processes(cli_env["RESNET_TEST_MARKER"], within=30) == []
+    assert wait_for_no_processes(cli_env["RESNET_TEST_MARKER"], within=90) == []
 
 
 @pytest.mark.ray
@@ -248,7 +256,7 @@ def test_interrupt_exits_130_and_leaves_no_ray_processes(photo_folder, cli_env, 
     assert "resnet: interrupted" in stderr
     assert "Traceback" not in stderr
     assert len(records_of(first + remaining_stdout)) < listing.count("\n")
-    assert wait_for_no_processes(cli_env["RESNET_TEST_MARKER"], within=30) == []
+    assert wait_for_no_processes(cli_env["RESNET_TEST_MARKER"], within=90) == []
 
 
 def test_engine_ray_without_ray_is_a_usage_error_naming_the_extra(sample_images, tmp_path):
