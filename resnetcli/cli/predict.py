@@ -22,6 +22,9 @@ from resnetcli.cli.app import (
     warn,
 )
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
+from resnetcli.cli.predict_ray import (  # --engine ray
+    ActorsOption, AddressOption, CpusPerActorOption, Engine, EngineOption, GpusPerActorOption, OutputDirOption,
+)  # fmt: skip
 from resnetcli.errors import ExitStatus
 from resnetcli.urls import is_url
 
@@ -242,8 +245,32 @@ def predict(
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
+    # --- engine ray (resnetcli/cli/predict_ray.py) ---
+    engine: EngineOption = Engine.local,
+    address: AddressOption = None,
+    actors: ActorsOption = None,
+    cpus_per_actor: CpusPerActorOption = 1.0,
+    gpus_per_actor: GpusPerActorOption = 0.0,
+    output_dir: OutputDirOption = None,
+    # --- end engine ray ---
 ) -> None:
     """Classify images: the top-k ImageNet classes (or a checkpoint's own classes) with probabilities."""
+    # --- engine ray ---
+    if engine is Engine.ray:
+        from resnetcli.cli.predict_ray import predict_on_ray
+
+        return predict_on_ray(
+            inputs, output=output, output_format=output_format, strict=strict, shard=shard, labels=labels,
+            arch=arch, weights=weights, top=top, threshold=threshold, preprocess=preprocess, input_size=input_size,
+            resize=resize, batch_size=batch_size, workers=workers, threads=threads, device=device, offline=offline,
+            mirror=mirror, recursive=recursive, null=null, address=address, actors=actors,
+            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, output_dir=output_dir,
+        )  # fmt: skip
+    if output_dir is not None or address is not None or actors is not None:
+        from resnetcli.errors import UsageError
+
+        raise UsageError("--address, --actors and --output-dir need --engine ray")
+    # --- end engine ray ---
     import threading
     import warnings
 
