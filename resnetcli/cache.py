@@ -496,7 +496,7 @@ def cached_file(name: str) -> Path:
 
 def weights_by_file_name() -> dict[str, list[str]]:
     """Which torchvision ARCH:WEIGHTS each weights file name belongs to, from the weights enums' URLs."""
-    from resnetcli.registry import architecture_names, weights_enum, weights_file_name
+    from resnetcli.catalogue import architecture_names, weights_enum, weights_file_name
 
     owners: dict[str, list[str]] = {}
     for arch in architecture_names():

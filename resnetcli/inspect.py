@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from resnetcli.errors import CheckpointError, UsageError
-from resnetcli.registry import WeightsChoice, meta_model, resolve_architecture, resolve_weights, weights_enum
+from resnetcli.factory import WeightsChoice, meta_model, resolve_architecture, resolve_weights, weights_enum
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -208,7 +208,7 @@ def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoi
     a checkpoint file is read (tensors only) so that the model takes its head and is checked against
     it. Returns the choice, the model and the checkpoint's tensors (None unless a file was given).
     """
-    from resnetcli.registry import checkpoint_class_count, load_state_dict
+    from resnetcli.factory import checkpoint_class_count, load_state_dict
 
     choice = resolve_weights(arch, weights)
     if choice.kind == "url":
@@ -618,7 +618,7 @@ def extract_features(
     import torch
 
     from resnetcli.images import load_image
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     image = load_image(image_path)  # a bad image fails before any download
     loaded = load_model(arch, weights, settings=settings, on_progress=on_progress)
@@ -654,63 +654,3 @@ def save_features(tensors: Mapping[str, "torch.Tensor"], path) -> None:
             torch.save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, path)
     except OSError as error:
         raise UsageError(f"--save {path}: cannot write: {error.strerror or error}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# The catalogue of architectures and weights
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """One pretrained weights set of an architecture, from torchvision's `weights.meta`."""
-
-    arch: str
-    weights: str
-    default: bool
-    acc1: float | None
-    acc5: float | None
-    params: int | None
-    gflops: float | None
-    file_mb: float | None
-    file: str
-    cached: bool
-
-
-def weights_catalogue(pattern: str | None = None) -> list[WeightsInfo]:
-    """Every architecture whose name matches the shell-style `pattern` (case-insensitive), with its weights.
-
-    Accuracies are those torchvision publishes (`meta["_metrics"]`, first dataset: ImageNet-1K);
-    `cached` says whether the weights file is in resnetcli's (torch.hub's) checkpoint folder.
-    """
-    import fnmatch
-
-    from resnetcli.cache import checkpoint_dir
-    from resnetcli.registry import architecture_names, weights_file_name
-
-    wanted = (pattern or "*").strip().lower()
-    archs = [arch for arch in architecture_names() if fnmatch.fnmatchcase(arch, wanted)]
-    if not archs:
-        raise UsageError(f"no architecture matches {pattern!r} (`resnet list` shows them all)")
-    folder = checkpoint_dir()
-    rows: list[WeightsInfo] = []
-    for arch in archs:
-        enum = weights_enum(arch)
-        for member in enum:
-            meta = member.meta
-            metrics = next(iter(meta.get("_metrics", {}).values()), {})
-            file = weights_file_name(member)
-            rows.append(
-                WeightsInfo(
-                    arch=arch,
-                    weights=member.name,
-                    default=member is enum.DEFAULT,
-                    acc1=metrics.get("acc@1"),
-                    acc5=metrics.get("acc@5"),
-                    params=meta.get("num_params"),
-                    gflops=meta.get("_ops"),
-                    file_mb=meta.get("_file_size"),
-                    file=file,
-                    cached=(folder / file).is_file(),
-                )
-            )
-    return rows

@@ -23,7 +23,7 @@ from resnetcli.inputs import Input
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from resnetcli.registry import LoadedModel
+    from resnetcli.factory import LoadedModel
 
 #: A partial batch is run when no further input has arrived for this long (seconds), so records
 #: keep streaming when inputs trickle in (a slow `find | resnet predict -`).
@@ -130,7 +130,7 @@ def default_workers() -> int:
 
 def preprocessing_weights(arch: str, name: str):
     """The weights of `arch` called `name` (`--preprocess`), whose transforms to use; UsageError if none is."""
-    from resnetcli.registry import DEFAULT_WEIGHTS, resolve_architecture, weights_enum
+    from resnetcli.factory import DEFAULT_WEIGHTS, resolve_architecture, weights_enum
 
     arch = resolve_architecture(arch)
     enum = weights_enum(arch)

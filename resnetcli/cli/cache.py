@@ -107,7 +107,7 @@ def fetch(
 def _torchvision_weights(specs: list[str]):
     """(spec, WeightsChoice) for each ARCH[:WEIGHTS], all resolved before anything is fetched."""
     from resnetcli.errors import UsageError
-    from resnetcli.registry import resolve_weights
+    from resnetcli.factory import resolve_weights
 
     resolved = []
     for spec in specs:

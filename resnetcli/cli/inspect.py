@@ -208,7 +208,7 @@ def list_command(
     output_format: FormatOption = None,
 ) -> None:
     """Architectures and their pretrained weights: accuracy, parameters, GFLOPS, file size, and whether cached."""
-    from resnetcli.inspect import weights_catalogue
+    from resnetcli.catalogue import weights_catalogue
 
     rows = sorted(weights_catalogue(pattern), key=_sort_key(sort))
     _remember_names()

@@ -185,7 +185,7 @@ def predict(
     from resnetcli.predict import predict as run_predictions
     from resnetcli.fastpath import configure_threads
     from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
