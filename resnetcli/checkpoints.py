@@ -149,14 +149,13 @@ def _one_line(error: BaseException) -> str:
 
 
 def _needs_code(error: BaseException) -> str | None:
-    """The global a weights-only load refused ("__main__.Net"), or None if `error` is not that."""
+    """The global a weights-only load refused ("__main__.Net"), or None if `error` is not that (garbage
+    bytes fail with other messages, such as "Unsupported operand")."""
     text = str(error)
     if "Weights only load failed" not in text:
         return None
-    found = re.search(r"GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)|Unsupported operand (\d+)", text)
-    if found is None:
-        return "an object other than tensors"
-    return next(group for group in found.groups() if group)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return None if found is None else found.group(1)
 
 
 def _torch_load(path: Path, trust: bool) -> Any:
@@ -253,10 +252,12 @@ def interpret(source: str, loaded: Any) -> Checkpoint:
 
     if isinstance(loaded, Mapping) and loaded.get("format") == FINETUNE_FORMAT:
         return _fine_tuned(source, loaded)
-    kind, arch = "state dict", None
+    kind, arch, base = "state dict", None, None
     if isinstance(loaded, Mapping):
         if isinstance(loaded.get("model"), Mapping) and isinstance(loaded.get("args"), argparse.Namespace):
             kind, arch = "torchvision reference", getattr(loaded["args"], "model", None)
+            started_from = getattr(loaded["args"], "weights", None)
+            base = started_from if isinstance(started_from, str) else "none"
             loaded = loaded["model"]
         else:
             for key, label in (("state_dict", "state_dict"), ("model", "model"), ("model_state_dict", "model")):
@@ -264,7 +265,8 @@ def interpret(source: str, loaded: Any) -> Checkpoint:
                     kind, loaded = label, loaded[key]
                     break
     state_dict = _tensors_only(source, loaded)
-    return Checkpoint(source, _strip_prefixes(state_dict), kind, arch=arch if isinstance(arch, str) else None)
+    arch = arch if isinstance(arch, str) else None
+    return Checkpoint(source, _strip_prefixes(state_dict), kind, arch=arch, base_weights=base)
 
 
 def _tensors_only(source: str, loaded: Any) -> dict[str, torch.Tensor]:
@@ -273,7 +275,7 @@ def _tensors_only(source: str, loaded: Any) -> dict[str, torch.Tensor]:
     if isinstance(loaded, Mapping) and loaded and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):
-        return dict(loaded)
+        return _keeping_versions(dict(loaded), getattr(loaded, "_metadata", None))
     held = "" if isinstance(loaded, Mapping) else f"; it holds a {type(loaded).__name__}"
     raise CheckpointError(f"{shown(source)}: not a state dict (expected a mapping of names to tensors{held})")
 
@@ -282,8 +284,26 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """Strip DataParallel's "module." and a LightningModule's "model." prefix when every key has it."""
     for prefix in ("module.", "model."):
         if state_dict and all(key.startswith(prefix) for key in state_dict):
+            versions = getattr(state_dict, "_metadata", None)
             state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+            if versions is not None:
+                name = prefix[:-1]  # the wrapped module becomes the root
+                versions = {("" if k == name else k[len(prefix):]): v for k, v in versions.items()
+                            if k == name or k.startswith(prefix)}
+            state_dict = _keeping_versions(state_dict, versions)
     return state_dict
+
+
+def _keeping_versions(state_dict: dict, versions: Any) -> dict:
+    """`state_dict` as an OrderedDict carrying module versions (a state dict's `_metadata`), if any:
+    modules such as MNASNet read them while loading."""
+    from collections import OrderedDict
+
+    if versions is None:
+        return state_dict
+    result = OrderedDict(state_dict)
+    result._metadata = versions  # type: ignore[attr-defined]
+    return result
 
 
 def _fine_tuned(source: str, loaded: Mapping) -> Checkpoint:

@@ -149,7 +149,7 @@ class _Configured:
 
     def __init__(self, weights: WeightsEnum, tensors: Mapping[str, torch.Tensor], num_classes: int | None) -> None:
         self._weights = weights
-        self._tensors = dict(tensors)
+        self._tensors = tensors
         meta = dict(weights.meta)
         if num_classes is not None and num_classes != len(meta.get("categories") or []):
             meta["categories"] = [f"class_{i}" for i in range(num_classes)]
@@ -163,8 +163,8 @@ class _Configured:
     def meta(self) -> dict:
         return self._meta
 
-    def get_state_dict(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(self._tensors)
+    def get_state_dict(self, *args: Any, **kwargs: Any) -> Mapping[str, torch.Tensor]:
+        return self._tensors
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._weights, name)
@@ -212,6 +212,7 @@ def _configure(arch: str, pretrained: WeightsEnum, device: str, num_classes: int
     given = {k: v.to(device) if device == "meta" else v for k, v in (tensors or {}).items()}
     if tensors is None and device == "cpu":  # a real model: randomly initialised as the plain architecture
         given = dict(_plain(arch, count).state_dict())
+    given = with_module_versions(arch, given, tensors)
     for key, shape in _expected_shapes(arch, count):
         if key not in given:
             given[key] = torch.empty(shape, device=device)  # uninitialised: the builder only checks shapes
@@ -277,12 +278,34 @@ def _build_with_state_dict(arch: str, pretrained: WeightsEnum | None, state_dict
     device cannot produce.
     """
     for on_meta in (True, False):
-        model = _construct(arch, pretrained, on_meta=on_meta, num_classes=num_classes, tensors=state_dict)
-        model.load_state_dict(state_dict, strict=True, assign=any(t.is_meta for t in model.parameters()))
+        model = _construct(arch, pretrained, on_meta=on_meta, num_classes=num_classes,
+                           tensors=with_module_versions(arch, state_dict))
+        tensors = with_module_versions(arch, state_dict)
+        model.load_state_dict(tensors, strict=True, assign=any(t.is_meta for t in model.parameters()))
         if not _has_meta_tensors(model):
             return model.eval()
         log.debug("%s keeps state outside its state dict: building it on the CPU", arch)
     raise AssertionError("unreachable: a CPU build has no meta tensors")
+
+
+def with_module_versions(arch: str, state_dict: Mapping[str, torch.Tensor],
+                         source: Mapping[str, torch.Tensor] | None = None) -> Mapping[str, torch.Tensor]:
+    """`state_dict` with the module versions (`_metadata`) of `source` (a checkpoint), or, when it has
+    none (safetensors, hand-made dicts), those of the installed architecture. Modules such as MNASNet
+    read their version while loading."""
+    from collections import OrderedDict
+
+    metadata = getattr(source if source is not None else state_dict, "_metadata", None)
+    if metadata is None:
+        metadata = _plain_metadata(arch)
+    result = OrderedDict(state_dict)
+    result._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+@lru_cache(maxsize=None)
+def _plain_metadata(arch: str) -> Any:
+    return getattr(_construct(arch, None).state_dict(), "_metadata", None)
 
 
 def expected_shapes(arch: str, num_classes: int | None = None) -> dict[str, list[int]]:
@@ -331,18 +354,21 @@ def looks_like(state_dict: Mapping[str, torch.Tensor], exclude: str, hint: str |
 
 
 def _build_checkpoint(arch: str, checkpoint: Checkpoint, num_classes: int) -> tuple[torch.nn.Module, WeightsEnum | None]:
-    """Build a checkpoint's model: the plain architecture, or, when it does not fit that, the
-    architecture as one of its pretrained weights configures it (what fine-tuning from those weights
-    produces: googlenet's input transform without aux heads, ViT at 384 pixels, ...). The weights
-    a fine-tuned checkpoint names as its base are tried first.
+    """Build a checkpoint's model as the first of the architecture's pretrained weights that fits
+    configures it (what fine-tuning from those weights produces: googlenet's and inception's input
+    transform, googlenet without aux heads, ViT at 384 pixels, ...), else the plain architecture.
+    The weights the checkpoint names as its base come first (the plain architecture for a
+    from-scratch torchvision reference run); then DEFAULT, the other weights, the plain one.
 
     Returns the model and the weights whose configuration it has (None for the plain one).
     """
     enum = weights_enum(arch)
-    configurations: list[WeightsEnum | None] = [None, *enum]
+    configurations: list[WeightsEnum | None] = [enum.DEFAULT, *enum, None]
     base = (checkpoint.base_weights or "").rpartition(".")[2]
     if base in enum.__members__:
         configurations.insert(0, enum[base])
+    elif base.lower() == NO_WEIGHTS:  # trained from scratch: the plain architecture first
+        configurations.insert(0, None)
     state_dict = checkpoint.state_dict
     for pretrained in dict.fromkeys(configurations):
         try:

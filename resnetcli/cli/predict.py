@@ -144,11 +144,18 @@ def predict(
             metavar="INPUT...",
         ),
     ],
-    arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")] = "resnet50",
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`); default: the checkpoint's own, else resnet50."),
+    ] = None,
     weights: Annotated[
         str,
         typer.Option("--weights", "-w", help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL."),
     ] = "DEFAULT",
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option("--trust-checkpoint", help="Load a checkpoint that needs to run code from the file (weights_only=False): this RUNS THE FILE'S CODE; only for files from a source you trust."),
+    ] = False,
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")] = 0.0,
     labels: Annotated[
@@ -189,7 +196,7 @@ def predict(
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
-    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
+    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
     configure_threads(threads)
     settings = cache_settings(offline, mirror)
     with download_progress() as on_progress:
@@ -199,7 +206,10 @@ def predict(
             labels=read_labels(labels) if labels else None,
             settings=settings,
             on_progress=on_progress,
+            trust_checkpoint=trust_checkpoint,
         )
+    if preprocess is not None and arch is None:
+        preprocess_with = preprocessing_weights(loaded.arch, preprocess)
     for note in loaded.notes:
         warn(note)
     set_preprocessing(loaded, preprocess_with, input_size=input_size, resize=resize)
