@@ -86,7 +86,9 @@ def check_regular_file(path: Path, option: str = "--weights") -> None:
     if stat.S_ISDIR(mode):
         raise UsageError(f"{option} {shown(path)}: is a directory, not a checkpoint file")
     if not stat.S_ISREG(mode):
-        what = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+        what = (
+            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+        )
         raise UsageError(f"{option} {shown(path)}: not a regular file ({what}), not a checkpoint file")
 
 
@@ -199,7 +201,9 @@ def _read_safetensors(path: Path, max_elements: int | None) -> tuple[dict[str, t
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
-        raise CheckpointError(f"{shown(path)}: a safetensors file, and the safetensors package is not installed") from None
+        raise CheckpointError(
+            f"{shown(path)}: a safetensors file, and the safetensors package is not installed"
+        ) from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             keys = list(handle.keys())
@@ -272,8 +276,10 @@ def interpret(source: str, loaded: Any) -> Checkpoint:
 def _tensors_only(source: str, loaded: Any) -> dict[str, torch.Tensor]:
     import torch
 
-    if isinstance(loaded, Mapping) and loaded and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    if (
+        isinstance(loaded, Mapping)
+        and loaded
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items())
     ):
         return _keeping_versions(dict(loaded), getattr(loaded, "_metadata", None))
     held = "" if isinstance(loaded, Mapping) else f"; it holds a {type(loaded).__name__}"
@@ -285,11 +291,14 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for prefix in ("module.", "model."):
         if state_dict and all(key.startswith(prefix) for key in state_dict):
             versions = getattr(state_dict, "_metadata", None)
-            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
             if versions is not None:
                 name = prefix[:-1]  # the wrapped module becomes the root
-                versions = {("" if k == name else k[len(prefix):]): v for k, v in versions.items()
-                            if k == name or k.startswith(prefix)}
+                versions = {
+                    ("" if k == name else k[len(prefix) :]): v
+                    for k, v in versions.items()
+                    if k == name or k.startswith(prefix)
+                }
             state_dict = _keeping_versions(state_dict, versions)
     return state_dict
 
@@ -336,7 +345,9 @@ def _valid_preprocessing(entry: Any) -> bool:
         return False
     sizes_ok = all(isinstance(entry.get(k), int) and entry.get(k) > 0 for k in ("resize_size", "crop_size"))
     stats_ok = all(
-        isinstance(entry.get(k), (list, tuple)) and len(entry[k]) == 3 and all(isinstance(x, (int, float)) for x in entry[k])
+        isinstance(entry.get(k), (list, tuple))
+        and len(entry[k]) == 3
+        and all(isinstance(x, (int, float)) for x in entry[k])
         for k in ("mean", "std")
     )
     return sizes_ok and stats_ok and isinstance(entry.get("interpolation", "bilinear"), str)
@@ -349,7 +360,9 @@ def transforms_for(preprocessing: Mapping[str, Any], like) -> Any:
     try:
         interpolation = InterpolationMode(str(preprocessing.get("interpolation", "bilinear")).lower())
     except ValueError:
-        raise CheckpointError(f"unknown interpolation {shown(preprocessing.get('interpolation'))!r} in the checkpoint") from None
+        raise CheckpointError(
+            f"unknown interpolation {shown(preprocessing.get('interpolation'))!r} in the checkpoint"
+        ) from None
     return type(like)(
         crop_size=int(preprocessing["crop_size"]),
         resize_size=int(preprocessing["resize_size"]),
@@ -421,7 +434,9 @@ def shapes_match(expected: Mapping[str, Sequence[int]], state_dict: Mapping[str,
     return True
 
 
-def class_count(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, Sequence[int]], default_count: int) -> int:
+def class_count(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, Sequence[int]], default_count: int
+) -> int:
     """The number of classes a checkpoint's head was trained for: the first dimension of the tensors
     whose shape in the architecture starts with `default_count` and differs only there."""
     counts = {

@@ -201,7 +201,9 @@ def check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "tor
         raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems[:3])}{more}")
 
 
-def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
+def inspection_model(
+    arch: str, weights: str | None = None, trust_checkpoint: bool = False
+) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
     """The meta model that `--weights` describes, without downloading anything.
 
     A weights name configures the model as those weights do; `none` gives the plain architecture;
@@ -216,7 +218,7 @@ def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoi
     if choice.kind != "checkpoint":
         return choice, meta_model(choice.arch, choice), None
     assert choice.path is not None
-    state_dict = load_state_dict(choice.path)
+    state_dict = load_state_dict(choice.path, trust=trust_checkpoint)
     default_head = meta_model(choice.arch, choice, num_classes=len(choice.reference.meta["categories"]))
     model = meta_model(choice.arch, choice, num_classes=checkpoint_class_count(choice.arch, state_dict, default_head))
     check_fit(choice.arch, model, state_dict, str(choice.path))
@@ -231,6 +233,7 @@ def summarize(
     batch: int = 1,
     depth: int = 3,
     name_filter: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> Summary:
     """The torchinfo layer tree, totals and parameter list of an architecture, on the meta device.
 
@@ -239,7 +242,7 @@ def summarize(
     """
     from torchinfo import summary as torchinfo_summary
 
-    choice, model, state_dict = inspection_model(arch, weights)
+    choice, model, state_dict = inspection_model(arch, weights, trust_checkpoint)
     arch = choice.arch
     height, width = parse_input_size(input_size, default_input_size(arch, model, choice))
     shape = [batch, 3, height, width]
@@ -586,17 +589,18 @@ def feature_maps(
     weights: str | None = None,
     input_size: Sequence[int] | None = None,
     nodes: Sequence[str] | None = None,
+    trust_checkpoint: bool = False,
 ) -> FeatureReport:
     """The natural multi-scale feature maps of an architecture (or the given graph nodes), on the meta device."""
-    choice, model, _ = inspection_model(arch, weights)
+    choice, model, _ = inspection_model(arch, weights, trust_checkpoint)
     height, width = parse_input_size(input_size, default_input_size(choice.arch, model, choice))
     maps = node_maps(choice.arch, model, nodes, height, width) if nodes else natural_stages(choice.arch, model, height, width)
     return FeatureReport(choice.arch, choice.name, [1, 3, height, width], maps)
 
 
-def list_graph_nodes(arch: str, weights: str | None = None) -> list[str]:
+def list_graph_nodes(arch: str, weights: str | None = None, trust_checkpoint: bool = False) -> list[str]:
     """The graph nodes of an architecture a user can pick with `--nodes`."""
-    _, model, _ = inspection_model(arch, weights)
+    _, model, _ = inspection_model(arch, weights, trust_checkpoint)
     return graph_nodes(model)
 
 
@@ -608,6 +612,7 @@ def extract_features(
     nodes: Sequence[str] | None = None,
     settings=None,
     on_progress=None,
+    trust_checkpoint: bool = False,
 ) -> tuple[FeatureReport, dict[str, "torch.Tensor"], list[str]]:
     """Run a real image through the model with its weights and return the feature tensors.
 
@@ -621,7 +626,7 @@ def extract_features(
     from resnetcli.factory import load_model
 
     image = load_image(image_path)  # a bad image fails before any download
-    loaded = load_model(arch, weights, settings=settings, on_progress=on_progress)
+    loaded = load_model(arch, weights, settings=settings, on_progress=on_progress, trust_checkpoint=trust_checkpoint)
     batch = loaded.transforms(image).unsqueeze(0)
     height, width = batch.shape[-2:]
     plan = meta_model(loaded.arch, loaded.weights, num_classes=None if loaded.weights.pretrained else len(loaded.categories))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, penultimate_features, save_hub_style, steer_head
+from conftest import REPO, penultimate_features, steer_head
 
 
 def run_cli(runner, app, *args):
@@ -56,8 +56,10 @@ def _onnx_model(path: Path) -> None:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     onnx.save(helper.make_model(graph, producer_name="pytorch"), str(path))
 
@@ -73,10 +75,15 @@ NOT_CHECKPOINTS = {
         "an HTML page (an error page saved in place of the file?)",
     ),
     "lfs.pth": (
-        lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 46830571\n"),
+        lambda p: p.write_text(
+            "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 46830571\n"
+        ),
         "a Git LFS pointer, not the file itself (run `git lfs pull`)",
     ),
-    "config.pth": (lambda p: p.write_text(json.dumps({"arch": "resnet18", "classes": ["a", "b"]})), "a JSON or text document"),
+    "config.pth": (
+        lambda p: p.write_text(json.dumps({"arch": "resnet18", "classes": ["a", "b"]})),
+        "a JSON or text document",
+    ),
     "photo.pth": (lambda p: p.write_bytes((REPO / "sample_images" / "cat.jpg").read_bytes()), "an image"),
     "model.onnx": (_onnx_model, "an ONNX model (run it with ONNX Runtime, or give the PyTorch checkpoint)"),
 }
@@ -106,14 +113,19 @@ def test_a_fifo_or_device_as_weights_is_not_a_regular_file(runner, app, tmp_path
     for command in (["predict", sample_images[0], "--arch", "resnet18"], ["summary", "resnet18"]):
         result = run_cli(runner, app, *command, "--weights", path)
         assert result.exit_code == 2
-        assert one_line_error(result) == f"resnet: error: --weights {path}: not a regular file ({what}), not a checkpoint file"
+        assert (
+            one_line_error(result)
+            == f"resnet: error: --weights {path}: not a regular file ({what}), not a checkpoint file"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Enormous declared tensors (issue 9, item 11)
 
 
-def test_a_zero_stride_head_claiming_2e8_rows_is_refused_before_anything_is_built(runner, app, tmp_path, sample_images, steered_resnet18):
+def test_a_zero_stride_head_claiming_2e8_rows_is_refused_before_anything_is_built(
+    runner, app, tmp_path, sample_images, steered_resnet18
+):
     import torch
 
     state_dict = dict(steered_resnet18.state_dict)
@@ -135,7 +147,10 @@ def test_a_head_of_a_million_classes_is_refused_from_its_declared_shape():
     from resnetcli import checkpoints
     from resnetcli.factory import expected_shapes
 
-    declared = {"fc.weight": torch.empty(1_000_000, 512, device="meta"), "fc.bias": torch.empty(1_000_000, device="meta")}
+    declared = {
+        "fc.weight": torch.empty(1_000_000, 512, device="meta"),
+        "fc.bias": torch.empty(1_000_000, device="meta"),
+    }
     problems = checkpoints.declared_size_problems(declared, expected_shapes("resnet18", 1000))
     assert problems == [
         f"fc.weight declares 1000000 classes (more than {checkpoints.MAX_CLASSES:,})",
@@ -149,7 +164,9 @@ def test_a_head_of_a_million_classes_is_refused_from_its_declared_shape():
 # Checkpoint formats users already have (issue 11)
 
 
-def test_torchvision_reference_train_checkpoint_loads_weights_only_and_names_its_arch(runner, app, tmp_path, sample_images, steered_resnet18):
+def test_torchvision_reference_train_checkpoint_loads_weights_only_and_names_its_arch(
+    runner, app, tmp_path, sample_images, steered_resnet18
+):
     import argparse
 
     import torch
@@ -164,8 +181,16 @@ def test_torchvision_reference_train_checkpoint_loads_weights_only_and_names_its
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)
     args = argparse.Namespace(model="resnet18", lr=0.1, epochs=90, data_path="/data/imagenet", weights=None)
     path = tmp_path / "model_89.pth"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "epoch": 89, "args": args}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "epoch": 89,
+            "args": args,
+        },
+        path,
+    )
 
     result = run_cli(runner, app, *predict_args(sample_images, "--weights", path))  # no --arch: args.model
     assert result.exit_code == 0, result.stderr
@@ -177,8 +202,15 @@ def test_lightning_state_dict_with_model_prefix_loads(runner, app, tmp_path, sam
     import torch
 
     path = tmp_path / "epoch=3-step=400.ckpt"
-    torch.save({"epoch": 3, "global_step": 400, "pytorch-lightning_version": "2.4.0",
-                "state_dict": {f"model.{k}": v for k, v in steered_resnet18.state_dict.items()}}, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 400,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {f"model.{k}": v for k, v in steered_resnet18.state_dict.items()},
+        },
+        path,
+    )
     result = run_cli(runner, app, *predict_args(sample_images, "--arch", "resnet18", "--weights", path))
     assert result.exit_code == 0, result.stderr
     assert top1_indices(result.stdout) == steered_resnet18.expected
@@ -203,8 +235,13 @@ def fine_tuned_resnet18(tmp_path_factory, sample_images):
 
     torch.manual_seed(1)
     model = models.resnet18(num_classes=4).eval()
-    preprocessing = {"resize_size": 176, "crop_size": 160, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                     "interpolation": "bilinear"}
+    preprocessing = {
+        "resize_size": 176,
+        "crop_size": 160,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "interpolation": "bilinear",
+    }
     from resnetcli.checkpoints import transforms_for
 
     transforms = transforms_for(preprocessing, models.ResNet18_Weights.DEFAULT.transforms())
@@ -212,11 +249,19 @@ def fine_tuned_resnet18(tmp_path_factory, sample_images):
     steer_head(model, features, list(range(len(sample_images))))
     classes = [p.stem for p in sample_images]
     path = tmp_path_factory.mktemp("finetuned") / "pets.pth"
-    torch.save({
-        "format": "resnetcli.finetune/1", "state_dict": model.state_dict(), "arch": "resnet18", "classes": classes,
-        "preprocessing": preprocessing, "base_weights": "ResNet18_Weights.IMAGENET1K_V1",
-        "metrics": {"val_top1": 1.0}, "resnetcli_version": "0.0.0",
-    }, path)
+    torch.save(
+        {
+            "format": "resnetcli.finetune/1",
+            "state_dict": model.state_dict(),
+            "arch": "resnet18",
+            "classes": classes,
+            "preprocessing": preprocessing,
+            "base_weights": "ResNet18_Weights.IMAGENET1K_V1",
+            "metrics": {"val_top1": 1.0},
+            "resnetcli_version": "0.0.0",
+        },
+        path,
+    )
     return path, classes
 
 
@@ -236,7 +281,9 @@ def test_fine_tuned_format_gives_class_names_arch_and_preprocessing(runner, app,
     assert (loaded.transforms.mean, loaded.transforms.std) == ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
 
 
-def test_checkpoint_that_needs_code_is_refused_in_one_clean_line_and_loads_with_trust(runner, app, tmp_path, sample_images, steered_resnet18):
+def test_checkpoint_that_needs_code_is_refused_in_one_clean_line_and_loads_with_trust(
+    runner, app, tmp_path, sample_images, steered_resnet18
+):
     import datetime
 
     import torch
@@ -249,9 +296,18 @@ def test_checkpoint_that_needs_code_is_refused_in_one_clean_line_and_loads_with_
         f"resnet: error: {path}: refused to load: the file needs to run code to be read (it holds datetime.date); "
         "if you trust its source, --trust-checkpoint loads it and runs that code"
     )
-    trusted = run_cli(runner, app, *predict_args(sample_images, "--arch", "resnet18", "--weights", path, "--trust-checkpoint"))
+    trusted = run_cli(
+        runner, app, *predict_args(sample_images, "--arch", "resnet18", "--weights", path, "--trust-checkpoint")
+    )
     assert trusted.exit_code == 0, trusted.stderr
     assert top1_indices(trusted.stdout) == steered_resnet18.expected
+    for command in (["summary", "resnet18", "--params", "--filter", "fc.b"], ["features", "resnet18", "--list-nodes"]):
+        refused = run_cli(runner, app, *command, "--weights", path, "--format", "json")
+        assert refused.exit_code == 3
+        assert one_line_error(refused).startswith(f"resnet: error: {path}: refused to load: the file needs to run code")
+        trusted = run_cli(runner, app, *command, "--weights", path, "--format", "json", "--trust-checkpoint")
+        assert trusted.exit_code == 0, trusted.stderr
+    assert json.loads(trusted.stdout)[0] == {"node": "x"}
 
 
 def test_code_in_a_checkpoint_runs_only_behind_trust_checkpoint(tmp_path):
@@ -275,9 +331,18 @@ def test_code_in_a_checkpoint_runs_only_behind_trust_checkpoint(tmp_path):
         read_checkpoint(path, trust=True)
     assert marker.exists()
     # The one weights_only=False in the package is the trusted branch of checkpoints._torch_load.
-    hits = [(p.name, line.strip()) for p in (REPO / "resnetcli").rglob("*.py")
-            for line in p.read_text().splitlines() if "load(" in line and "weights_only=False" in line]
-    assert hits == [("checkpoints.py", "return torch.load(path, map_location=\"cpu\", weights_only=False)  # behind --trust-checkpoint only")]
+    hits = [
+        (p.name, line.strip())
+        for p in (REPO / "resnetcli").rglob("*.py")
+        for line in p.read_text().splitlines()
+        if "load(" in line and "weights_only=False" in line
+    ]
+    assert hits == [
+        (
+            "checkpoints.py",
+            'return torch.load(path, map_location="cpu", weights_only=False)  # behind --trust-checkpoint only',
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,8 +354,11 @@ def test_wrong_architecture_in_predict_is_concise_and_names_the_right_one(runner
 
     ours = {k: list(v.shape) for k, v in models.resnet50().state_dict().items()}
     theirs = {k: list(v.shape) for k, v in steered_resnet18.state_dict.items()}
-    count = len(set(ours) - set(theirs)) + len(set(theirs) - set(ours)) + sum(
-        1 for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    count = (
+        len(set(ours) - set(theirs))
+        + len(set(theirs) - set(ours))
+        + sum(1 for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    )
     result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet50", "--weights", steered_resnet18.path)
     assert result.exit_code == 3
     line = one_line_error(result)
@@ -306,14 +374,16 @@ def test_unknown_weights_list_each_name_once_and_suggest_by_similarity(runner, a
     result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet50", "--weights", "V2")
     assert result.exit_code == 2
     assert one_line_error(result) == (
-        f"resnet: error: unknown weights 'V2' for resnet50: choose one of {', '.join(names)}, a checkpoint path or a URL; "
+        f"resnet: error: unknown weights 'V2' for resnet50: choose one of {', '.join(names)}, "
+        "a checkpoint path or a URL; "
         "did you mean 'IMAGENET1K_V2'?"
     )
     assert result.stderr.count("DEFAULT") == 1
 
 
 def test_a_checkpoint_in_the_cache_is_usable_by_name_from_any_folder_and_a_local_file_wins(
-        runner, app, tmp_path, sample_images, steered_resnet18, monkeypatch):
+    runner, app, tmp_path, sample_images, steered_resnet18, monkeypatch
+):
     import torch
 
     name = steered_resnet18.path.name
@@ -331,7 +401,11 @@ def test_a_checkpoint_in_the_cache_is_usable_by_name_from_any_folder_and_a_local
     torch.save(three, elsewhere / name)  # same name here: the local file wins
     local = run_cli(runner, app, *predict_args(sample_images, "--arch", "resnet18", "--weights", name))
     assert local.exit_code == 0, local.stderr
-    assert {r["top"][0]["label"] for r in map(json.loads, local.stdout.splitlines())} <= {"class_0", "class_1", "class_2"}
+    assert {r["top"][0]["label"] for r in map(json.loads, local.stdout.splitlines())} <= {
+        "class_0",
+        "class_1",
+        "class_2",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +425,14 @@ def test_two_threads_building_different_models_at_once_each_get_their_exact_weig
     mobile_path = tmp_path / "mobile.pth"
     torch.save(mobile.state_dict(), mobile_path)
     jobs = {
-        "resnet18 checkpoint": (lambda: load_model("resnet18", str(steered_resnet18.path)), steered_resnet18.state_dict),
-        "squeezenet1_1 pretrained": (lambda: build_model(resolve_weights("squeezenet1_1"), state_dict=squeeze), squeeze),
+        "resnet18 checkpoint": (
+            lambda: load_model("resnet18", str(steered_resnet18.path)),
+            steered_resnet18.state_dict,
+        ),
+        "squeezenet1_1 pretrained": (
+            lambda: build_model(resolve_weights("squeezenet1_1"), state_dict=squeeze),
+            squeeze,
+        ),
         "mobilenet checkpoint": (lambda: load_model("mobilenet_v3_small", str(mobile_path)), mobile.state_dict()),
     }
     for _ in range(3):
@@ -390,7 +470,8 @@ def test_fine_tuned_inception_v3_is_built_and_preprocessed_as_its_weights_config
     from resnetcli.factory import load_model
 
     torch.manual_seed(0)
-    # torchvision's recipe: inception_v3(weights=IMAGENET1K_V1) (input transform on, aux head kept), both heads replaced.
+    # torchvision's recipe: inception_v3(weights=IMAGENET1K_V1) (input transform on, aux head kept),
+    # both heads replaced.
     fine_tuned = models.Inception3(aux_logits=True, transform_input=True, init_weights=False).eval()
     fine_tuned.fc = torch.nn.Linear(2048, 3)
     fine_tuned.AuxLogits.fc = torch.nn.Linear(768, 3)
@@ -398,7 +479,11 @@ def test_fine_tuned_inception_v3_is_built_and_preprocessed_as_its_weights_config
     torch.save(fine_tuned.state_dict(), path)
     loaded = load_model("inception_v3", str(path))
     preset = models.Inception_V3_Weights.IMAGENET1K_V1.transforms()
-    assert (loaded.transforms.crop_size, loaded.transforms.resize_size) == (preset.crop_size, preset.resize_size) == ([299], [342])
+    assert (
+        (loaded.transforms.crop_size, loaded.transforms.resize_size)
+        == (preset.crop_size, preset.resize_size)
+        == ([299], [342])
+    )
     assert loaded.model.transform_input is True
     assert loaded.categories == ["class_0", "class_1", "class_2"]
     batch = torch.rand(2, 3, 299, 299)
@@ -419,7 +504,11 @@ def test_fine_tuned_vit_at_384_is_built_and_preprocessed_as_its_weights_configur
     torch.save({"model": fine_tuned.state_dict()}, path)
     loaded = load_model("vit_b_16", str(path))
     preset = models.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1.transforms()
-    assert (loaded.transforms.crop_size, loaded.transforms.resize_size) == (preset.crop_size, preset.resize_size) == ([384], [384])
+    assert (
+        (loaded.transforms.crop_size, loaded.transforms.resize_size)
+        == (preset.crop_size, preset.resize_size)
+        == ([384], [384])
+    )
     assert loaded.model.image_size == 384
     batch = torch.rand(1, 3, 384, 384)
     with torch.no_grad():
@@ -427,7 +516,8 @@ def test_fine_tuned_vit_at_384_is_built_and_preprocessed_as_its_weights_configur
 
 
 def test_whole_pretrained_path_from_a_mirror_through_the_cache_with_torchvisions_labels(
-        runner, app, sample_images, steered_resnet18, weight_server, checkpoint_dir, monkeypatch):
+    runner, app, sample_images, steered_resnet18, weight_server, checkpoint_dir, monkeypatch
+):
     """`predict --arch resnet18` with DEFAULT: torchvision's weights URL names the steered file (name and
     hash served), --mirror points at the loopback server, the file lands in the cache, labels are
     meta["categories"]; a second, offline run reads the cache."""

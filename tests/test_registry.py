@@ -23,7 +23,8 @@ def test_pretrained_build_matches_torchvision_builder(arch, checkpoint_dir):
     import torch
     from torchvision import models
 
-    from resnetcli.factory import _construct, build_model, resolve_weights, weights_file_name
+    from resnetcli.builders import construct as _construct
+    from resnetcli.factory import build_model, resolve_weights, weights_file_name
 
     choice = resolve_weights(arch, "DEFAULT")
     torch.manual_seed(0)

@@ -36,6 +36,12 @@ InspectWeightsOption = Annotated[
 ]
 
 
+TrustOption = Annotated[
+    bool,
+    typer.Option("--trust-checkpoint", help="Load a --weights checkpoint that needs to run code from the file (weights_only=False): this RUNS THE FILE'S CODE; only for files from a source you trust."),
+]
+
+
 def parse_size(text: Optional[str]) -> Optional[list[int]]:
     """`640` or `480,640` as a list of ints."""
     if text is None:
@@ -85,13 +91,15 @@ def summary(
     params: Annotated[bool, typer.Option("--params", help="List every parameter and buffer with its shape instead of the layer tree.")] = False,
     name_filter: Annotated[Optional[str], typer.Option("--filter", help="With --params: only names containing this text.")] = None,
     weights: InspectWeightsOption = None,
+    trust_checkpoint: TrustOption = False,
     output_format: FormatOption = None,
 ) -> None:
     """The layer tree (torchinfo) with output shapes and parameter counts, totals, and every parameter."""
     from resnetcli.inspect import summarize
 
     chosen = parse_list("--columns", columns, LAYER_COLUMNS) or []
-    report = summarize(arch, weights=weights, input_size=parse_size(input_size), batch=batch, depth=depth, name_filter=name_filter)
+    report = summarize(arch, weights=weights, input_size=parse_size(input_size), batch=batch, depth=depth, name_filter=name_filter,
+                       trust_checkpoint=trust_checkpoint)
     _remember_names()
     rows = [
         {"depth": row.depth, "layer": row.name, "type": row.type, "output_shape": row.output_shape,
@@ -134,6 +142,7 @@ def features(
         Optional[str],
         typer.Option("--weights", "-w", help="Weights (as for predict: a name, DEFAULT, none, a checkpoint file or a URL); without --save only their configuration is used."),
     ] = None,
+    trust_checkpoint: TrustOption = False,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
@@ -144,7 +153,7 @@ def features(
     node_list = parse_list("--nodes", nodes)
     fmt = choose_format(output_format, sys.stdout)
     if list_nodes:
-        names = inspect.list_graph_nodes(arch, weights)
+        names = inspect.list_graph_nodes(arch, weights, trust_checkpoint)
         _remember_names()
         with RecordWriter(fmt, ["node"], title=f"{arch} graph nodes") as writer:
             for name in names:
@@ -159,14 +168,16 @@ def features(
             raise UsageError(f"--save {save}: the file name must end in .npz or .pt")
         with download_progress() as on_progress:
             report, tensors, notes = inspect.extract_features(
-                arch, str(image), weights=weights, nodes=node_list, settings=cache_settings(offline, mirror), on_progress=on_progress
+                arch, str(image), weights=weights, nodes=node_list, settings=cache_settings(offline, mirror), on_progress=on_progress,
+                trust_checkpoint=trust_checkpoint,
             )
         for note in notes:
             warn(note)
         inspect.save_features(tensors, save)
         say(f"saved {len(tensors)} feature maps of {image} to {save}")
     else:
-        report = inspect.feature_maps(arch, weights=weights, input_size=parse_size(input_size), nodes=node_list)
+        report = inspect.feature_maps(arch, weights=weights, input_size=parse_size(input_size), nodes=node_list,
+                                      trust_checkpoint=trust_checkpoint)
     _remember_names()
     title = f"{report.arch} ({report.weights}) feature maps at {'x'.join(map(str, report.input_size))}"
     with RecordWriter(fmt, FEATURE_COLUMNS, title=title) as writer:
