@@ -187,9 +187,8 @@ def with_module_versions(
     return result
 
 
-@lru_cache(maxsize=None)
 def _plain_metadata(arch: str) -> Any:
-    return getattr(construct(arch, None).state_dict(), "_metadata", None)
+    return _plain_layout(arch, None)[1]
 
 
 def expected_shapes(arch: str, num_classes: int | None = None) -> dict[str, list[int]]:
@@ -197,7 +196,18 @@ def expected_shapes(arch: str, num_classes: int | None = None) -> dict[str, list
     return dict(_expected_shapes(resolve_architecture(arch), num_classes))
 
 
-@lru_cache(maxsize=64)
 def _expected_shapes(arch: str, num_classes: int | None) -> tuple[tuple[str, list[int]], ...]:
-    model = construct(arch, None, num_classes=num_classes)
-    return tuple((key, list(tensor.shape)) for key, tensor in model.state_dict().items())
+    return _plain_layout(arch, num_classes)[0]
+
+
+@lru_cache(maxsize=64)
+def _plain_layout(arch: str, num_classes: int | None) -> tuple[tuple[tuple[str, list[int]], ...], Any]:
+    """Shapes and module versions of the plain architecture; `num_classes` None is the builders'
+    default (1000), normalised so that RegNet, built on the CPU, is built once per class count."""
+    from resnetcli.catalogue import weights_enum
+
+    if num_classes is None:
+        return _plain_layout(arch, len(weights_enum(arch).DEFAULT.meta["categories"]))
+    state = construct(arch, None, num_classes=num_classes).state_dict()
+    shapes = tuple((key, list(tensor.shape)) for key, tensor in state.items())
+    return shapes, getattr(state, "_metadata", None)

@@ -150,7 +150,7 @@ def predict(
     ] = None,
     weights: Annotated[
         str,
-        typer.Option("--weights", "-w", help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL."),
+        typer.Option("--weights", "-w", help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file (a path, or a file name in the weight cache; a local file wins) or a URL."),
     ] = "DEFAULT",
     trust_checkpoint: Annotated[
         bool,
