@@ -180,7 +180,7 @@ def raw_inference(checkpoint: Path, model: Path, arch: str, images: int, batch_s
 
     from resnetcli import fastpath
     from resnetcli.onnxrt import open_classifier
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     threads = cores()
     fastpath.configure_threads(threads)

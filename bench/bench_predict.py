@@ -178,7 +178,7 @@ def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, 
     import torch
 
     from resnetcli import fastpath
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     fastpath.configure_threads(threads)
     base = load_model(arch, str(checkpoint)).model
@@ -267,7 +267,7 @@ def export_onnx(checkpoint: Path, arch: str, folder: Path) -> Path:
 
     import torch
 
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     model = load_model(arch, str(checkpoint)).model
     target = folder / f"{arch}.onnx"
@@ -285,7 +285,7 @@ def loading_levers(checkpoint: Path, arch: str, repeats: int) -> list[Row]:
     import torch
     from torchvision import models
 
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     def naive():
         model = models.get_model(arch, weights=None)

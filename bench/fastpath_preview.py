@@ -28,7 +28,7 @@ def main() -> None:
 
     from resnetcli import fastpath
     from resnetcli.images import load_image
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     fastpath.configure_threads(args.threads)
     loaded = load_model(args.arch, args.weights)

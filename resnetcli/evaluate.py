@@ -19,7 +19,7 @@ from resnetcli.datasets import Sample
 from resnetcli.errors import InputError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from resnetcli.registry import LoadedModel
+    from resnetcli.factory import LoadedModel
 
 log = logging.getLogger(__name__)
 

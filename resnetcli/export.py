@@ -27,7 +27,7 @@ from resnetcli.errors import CheckpointError, UsageError, WeightsUnavailable
 from resnetcli.onnxmeta import DEFAULT_OPSET, EXPORTER, INPUT_NAME, OUTPUT_NAME, ModelInfo, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
-    from resnetcli.registry import LoadedModel, WeightsChoice
+    from resnetcli.factory import LoadedModel, WeightsChoice
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def source_sha256(choice: WeightsChoice) -> str:
     if choice.kind == "url":
         name = cache.file_name_of(choice.url or "")
     else:
-        from resnetcli.registry import weights_file_name
+        from resnetcli.factory import weights_file_name
 
         name = weights_file_name(choice.pretrained)
     path = cache.checkpoint_dir() / name
@@ -252,7 +252,7 @@ def export(
 ) -> ExportResult:
     """`resnet export`: load a model through the factory (any torchvision classifier, pretrained
     weights, a checkpoint, a URL, `none`), and export it."""
-    from resnetcli import registry
+    from resnetcli import factory
 
-    loaded = registry.load_model(arch, weights, labels=labels, settings=settings, on_progress=on_progress)
+    loaded = factory.load_model(arch, weights, labels=labels, settings=settings, on_progress=on_progress)
     return export_loaded(loaded, output, source_sha=source_sha256(loaded.weights), opset=opset, images=images)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from resnetcli.errors import UsageError
-from resnetcli.registry import meta_model
+from resnetcli.factory import meta_model
 from resnetcli.shapes import check_save_path, default_input_size, input_hw, input_size_error, inspection_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -367,9 +367,10 @@ def feature_maps(
     weights: str | None = None,
     input_size: Sequence[int] | None = None,
     nodes: Sequence[str] | None = None,
+    trust_checkpoint: bool = False,
 ) -> FeatureReport:
     """The natural multi-scale feature maps of an architecture (or the given graph nodes), on the meta device."""
-    choice, model, _ = inspection_model(arch, weights)
+    choice, model, _ = inspection_model(arch, weights, trust_checkpoint)
     height, width = input_hw(input_size, default_input_size(choice.arch, model, choice))
     maps = (
         node_maps(choice.arch, model, nodes, height, width)
@@ -379,9 +380,9 @@ def feature_maps(
     return FeatureReport(choice.arch, choice.name, [1, 3, height, width], maps)
 
 
-def list_graph_nodes(arch: str, weights: str | None = None) -> list[str]:
+def list_graph_nodes(arch: str, weights: str | None = None, trust_checkpoint: bool = False) -> list[str]:
     """The graph nodes of an architecture a user can pick with `--nodes`."""
-    _, model, _ = inspection_model(arch, weights)
+    _, model, _ = inspection_model(arch, weights, trust_checkpoint)
     return graph_nodes(model)
 
 
@@ -393,20 +394,23 @@ def extract_features(
     nodes: Sequence[str] | None = None,
     settings=None,
     on_progress=None,
+    trust_checkpoint: bool = False,
 ) -> tuple[FeatureReport, dict[str, "torch.Tensor"], list[str]]:
     """Run a real image through the model with its weights and return the feature tensors.
 
-    The weights come through `registry.load_model` (cache, download, mirror, offline, checkpoint);
+    The weights come through `factory.load_model` (cache, download, mirror, offline, checkpoint);
     the image through the weights' own preprocessing, which sets the input size. Maps are the
     natural stages (or `nodes`), keyed by name. Also returns the model's notes (warnings).
     """
     import torch
 
     from resnetcli.images import load_image
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     image = load_image(image_path)  # a bad image fails before any download
-    loaded = load_model(arch, weights, settings=settings, on_progress=on_progress)
+    loaded = load_model(
+        arch, weights, settings=settings, on_progress=on_progress, trust_checkpoint=trust_checkpoint
+    )
     batch = loaded.transforms(image).unsqueeze(0)
     height, width = batch.shape[-2:]
     plan = meta_model(

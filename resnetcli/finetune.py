@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from resnetcli import __version__, registry
+from resnetcli import __version__, factory
 from resnetcli.datasets import ImageReader, Sample, Split, augmentation
 from resnetcli.errors import UsageError
 from resnetcli.finetuned import (
@@ -43,7 +43,7 @@ class FinetuneConfig:
     """The choices of one `resnet finetune` run."""
 
     arch: str
-    weights: str = registry.DEFAULT_WEIGHTS
+    weights: str = factory.DEFAULT_WEIGHTS
     train: TrainMode = TrainMode.head
     epochs: int = 10
     lr: float = 1e-3
@@ -142,7 +142,7 @@ class Trainer:
             self.head = find_head(loaded.model, len(self.classes))
         else:
             torch.manual_seed(config.seed)
-            loaded = registry.load_model(config.arch, config.weights, settings=settings, on_progress=on_progress)
+            loaded = factory.load_model(config.arch, config.weights, settings=settings, on_progress=on_progress)
             self.base_weights = base_weights_name(loaded.weights)
             self.head = replace_head(loaded.model, len(loaded.categories), len(self.classes), seed=config.seed)
         self.arch = loaded.arch

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from resnetcli import registry
+from resnetcli import factory
 from resnetcli.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def transforms_from(record: dict):
     )
 
 
-def base_weights_name(choice: registry.WeightsChoice) -> str:
+def base_weights_name(choice: factory.WeightsChoice) -> str:
     """"ResNet18_Weights.IMAGENET1K_V1", "none", a checkpoint file's sha256, or a URL."""
     if choice.pretrained is not None:
         return f"{type(choice.pretrained).__name__}.{choice.pretrained.name}"
@@ -59,7 +59,7 @@ def base_weights_name(choice: registry.WeightsChoice) -> str:
             for chunk in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(chunk)
         return digest.hexdigest()
-    return choice.url or registry.NO_WEIGHTS
+    return choice.url or factory.NO_WEIGHTS
 
 
 @contextmanager
@@ -132,11 +132,11 @@ def is_finetuned_checkpoint(path: Path) -> bool:
 
 # TEMPORARY (finetune branch): the lead replaces this with the factory's fine-tuned checkpoint
 # reader at merge time; until then eval (and tests) load OUT.pth through it.
-def load_finetuned(path: Path, payload: dict | None = None) -> registry.LoadedModel:
+def load_finetuned(path: Path, payload: dict | None = None) -> factory.LoadedModel:
     """Build the model of a fine-tuned checkpoint: its architecture, head, classes and preprocessing."""
     payload = payload if payload is not None else read_checkpoint(path)
-    arch = registry.resolve_architecture(payload["arch"])
-    choice = registry.WeightsChoice(arch, "checkpoint", path=Path(path))
-    loaded = registry.build_model(choice, state_dict=payload["state_dict"], labels=list(payload["classes"]))
+    arch = factory.resolve_architecture(payload["arch"])
+    choice = factory.WeightsChoice(arch, "checkpoint", path=Path(path))
+    loaded = factory.build_model(choice, state_dict=payload["state_dict"], labels=list(payload["classes"]))
     loaded.transforms = transforms_from(payload["preprocessing"])
     return loaded

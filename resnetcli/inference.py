@@ -17,7 +17,7 @@ from resnetcli.images import check_resize
 from resnetcli.predict import Classifier
 
 if TYPE_CHECKING:  # pragma: no cover
-    from resnetcli.registry import LoadedModel
+    from resnetcli.factory import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def resolve_device(spec: str) -> str:
 
 def preprocessing_weights(arch: str, name: str):
     """The weights of `arch` called `name` (`--preprocess`), whose transforms to use; UsageError if none is."""
-    from resnetcli.registry import DEFAULT_WEIGHTS, resolve_architecture, weights_enum
+    from resnetcli.factory import DEFAULT_WEIGHTS, resolve_architecture, weights_enum
 
     arch = resolve_architecture(arch)
     enum = weights_enum(arch)

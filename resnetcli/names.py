@@ -16,8 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
-#: `--weights` values every architecture accepts besides its weights names (see resnetcli.registry).
-GENERIC_WEIGHTS = ("DEFAULT", "none")
+from resnetcli.catalogue import GENERIC_WEIGHTS
 
 
 def names_file() -> Path:
@@ -32,9 +31,9 @@ def names_file() -> Path:
 
 def registry_names() -> dict[str, list[str]]:
     """Every classification architecture torchvision registers, with its weights names (imports torchvision)."""
-    from resnetcli.registry import architecture_names, weights_enum
+    from resnetcli.catalogue import completion_names
 
-    return {arch: [member.name for member in weights_enum(arch)] for arch in architecture_names()}
+    return completion_names()
 
 
 def save(names: dict[str, list[str]]) -> None:

@@ -158,16 +158,16 @@ def ensure_export(
     found = find_export(arch, weights, opset)
     if found is not None:
         return found
-    from resnetcli import export, registry
+    from resnetcli import export, factory
 
-    choice = registry.resolve_weights(arch, weights)
+    choice = factory.resolve_weights(arch, weights)
     if choice.kind == "none":
         raise UsageError(
             "--runtime onnxruntime: random weights (--weights none) are not cached as an export; "
             "write one with `resnet export ARCH --weights none -o FILE.onnx` and pass that file"
         )
     # Exported with the model's own class names: --labels apply when the export is opened.
-    loaded = registry.load_model(arch, weights, settings=settings, on_progress=on_progress)
+    loaded = factory.load_model(arch, weights, settings=settings, on_progress=on_progress)
     source = export.source_sha256(loaded.weights)
     label = {"checkpoint": "file", "url": "url"}.get(loaded.weights.kind, loaded.weights.name)
     names.remember()

@@ -9,7 +9,7 @@
         concurrency=4, batch_size=32,
     )
 
-Each actor builds the model once, through the same factory (`registry.load_model`) and fast path
+Each actor builds the model once, through the same factory (`factory.load_model`) and fast path
 (`fastpath.optimize_for_inference`) as `resnet predict`, and answers with the fields of a predict
 record: `input`, `arch`, `weights`, `top` (a list of {rank, index, label, prob}) and `error`, which
 is set (and the others are null) for an input that could not be read or decoded. A bad image never
@@ -80,7 +80,7 @@ class Classifier:
         from resnetcli.cache import CacheSettings
         from resnetcli.fastpath import configure_threads, optimize_for_inference
         from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
-        from resnetcli.registry import load_model
+        from resnetcli.factory import load_model
 
         self.top = top
         self.threshold = threshold

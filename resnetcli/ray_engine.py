@@ -179,7 +179,7 @@ def run_on_ray(
     `num_cpus` and `object_store_memory` size a local instance (default: the CPUs this process may
     use, and Ray's own default share of memory).
     """
-    from resnetcli.registry import resolve_weights
+    from resnetcli.factory import resolve_weights
 
     # Checked when called, not when first iterated: before any output file is opened.
     require_ray()
@@ -188,7 +188,7 @@ def run_on_ray(
         # A local instance's actors share this machine's weight cache: get the file here, once, so
         # that missing weights are exit code 3 before Ray starts and no actor downloads them.
         from resnetcli.cache import CacheSettings
-        from resnetcli.registry import state_dict_for
+        from resnetcli.factory import state_dict_for
 
         state_dict_for(choice, CacheSettings.from_env(offline=offline, mirror=mirror))
     if output_dir is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from resnetcli.errors import CheckpointError, UsageError
-from resnetcli.registry import WeightsChoice, meta_model, resolve_architecture, resolve_weights, weights_enum
+from resnetcli.factory import WeightsChoice, meta_model, resolve_architecture, resolve_weights, weights_enum
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -142,14 +142,16 @@ def check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "tor
         raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems[:3])}{more}")
 
 
-def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
+def inspection_model(
+    arch: str, weights: str | None = None, trust_checkpoint: bool = False
+) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
     """The meta model that `--weights` describes, without downloading anything.
 
     A weights name configures the model as those weights do; `none` gives the plain architecture;
     a checkpoint file is read (tensors only) so that the model takes its head and is checked against
     it. Returns the choice, the model and the checkpoint's tensors (None unless a file was given).
     """
-    from resnetcli.registry import checkpoint_class_count, load_state_dict
+    from resnetcli.factory import checkpoint_class_count, load_state_dict
 
     choice = resolve_weights(arch, weights)
     if choice.kind == "url":
@@ -160,7 +162,7 @@ def inspection_model(arch: str, weights: str | None = None) -> tuple[WeightsChoi
         return choice, meta_model(choice.arch, choice), None
     if choice.path is None:
         raise CheckpointError(f"--weights {weights}: no checkpoint file")
-    state_dict = load_state_dict(choice.path)
+    state_dict = load_state_dict(choice.path, trust=trust_checkpoint)
     default_head = meta_model(choice.arch, choice, num_classes=len(choice.reference.meta["categories"]))
     model = meta_model(choice.arch, choice, num_classes=checkpoint_class_count(choice.arch, state_dict, default_head))
     check_fit(choice.arch, model, state_dict, str(choice.path))

@@ -263,6 +263,7 @@ def summarize(
     batch: int = 1,
     depth: int = 3,
     name_filter: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> Summary:
     """The summary of a torchvision architecture, on the meta device.
 
@@ -271,7 +272,7 @@ def summarize(
     """
     import torch
 
-    choice, model, state_dict = inspection_model(arch, weights)
+    choice, model, state_dict = inspection_model(arch, weights, trust_checkpoint)
     arch = choice.arch
     height, width = input_hw(input_size, default_input_size(arch, model, choice))
     shape = [batch, 3, height, width]

@@ -40,7 +40,7 @@ def fast_probabilities(checkpoint: Path, arch: str, images: list[Path], plan=Non
 
     from resnetcli import fastpath
     from resnetcli.images import load_image
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     loaded = load_model(arch, str(checkpoint))
     crop = min(loaded.transforms.crop_size)

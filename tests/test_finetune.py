@@ -347,20 +347,20 @@ def test_head_replaced_for_every_architecture():
     import torch
     from torchvision import models
 
-    from resnetcli import registry
+    from resnetcli import factory
     from resnetcli.heads import TrainMode, replace_head, trainable_names
 
     families_run: set[str] = set()
-    for arch in registry.architecture_names():
-        model = registry.meta_model(arch)
-        categories = len(registry.weights_enum(arch).DEFAULT.meta["categories"])
+    for arch in factory.architecture_names():
+        model = factory.meta_model(arch)
+        categories = len(factory.weights_enum(arch).DEFAULT.meta["categories"])
         head = replace_head(model, categories, 7)
         layer = model.get_submodule(head.name)
         assert getattr(layer, "out_features", getattr(layer, "out_channels", None)) == 7, arch
         family = models.get_model_builder(arch).__module__
         if family not in families_run:
             families_run.add(family)
-            crop = registry.weights_enum(arch).DEFAULT.transforms().crop_size[0]
+            crop = factory.weights_enum(arch).DEFAULT.transforms().crop_size[0]
             with torch.no_grad():
                 assert model(torch.empty(2, 3, crop, crop, device="meta")).shape == (2, 7), arch
         names = [name for name, _ in model.named_parameters()]

@@ -65,7 +65,7 @@ def extracted_shapes(arch, nodes, size):
     import torch
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from resnetcli.registry import meta_model
+    from resnetcli.factory import meta_model
 
     extractor = create_feature_extractor(
         meta_model(arch), return_nodes={node: str(i) for i, node in enumerate(nodes)}, suppress_diff_warning=True
@@ -135,7 +135,7 @@ def test_resnet50_features_at_224(runner, app):
 
 @pytest.mark.parametrize("arch", RESNET_FAMILY)
 def test_resnet_family_stages(runner, app, arch):
-    from resnetcli.registry import meta_model
+    from resnetcli.factory import meta_model
 
     maps = run_json(runner, app, "features", arch, "--input-size", "640,480")
     head_width = meta_model(arch).fc.in_features  # layer4's channels; each stage before has half

@@ -128,12 +128,12 @@ def test_export_mismatch_is_an_error(steered_export, tmp_path):
 
 def test_export_below_the_exporters_opset_is_an_error_and_leaves_the_old_file(tmp_path):
     """Asked for opset 17 the exporter falls back to 18 after a failed conversion: refused, not mislabelled."""
-    from resnetcli import registry
+    from resnetcli import factory
     from resnetcli.export import export_loaded
 
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the previous export")
-    loaded = registry.load_model("squeezenet1_1", "none")
+    loaded = factory.load_model("squeezenet1_1", "none")
     with pytest.raises(CheckpointError, match=r"cannot write opset 17 \(it wrote 18\)"):
         export_loaded(loaded, out, source_sha="none", opset=17)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"] and out.read_bytes() == b"the previous export"
@@ -163,12 +163,12 @@ def test_export_cli_both_weights_forms_is_usage_error(runner, app, tmp_path):
 
 
 def test_onnxruntime_top5_matches_torch_pipeline(steered_export, ranked_checkpoint, sample_images):
-    from resnetcli import registry
+    from resnetcli import factory
     from resnetcli.images import load_image
     from resnetcli.onnxrt import open_classifier
     from resnetcli.predict import predict
 
-    loaded = registry.load_model("resnet18", str(ranked_checkpoint))
+    loaded = factory.load_model("resnet18", str(ranked_checkpoint))
     torch_records = {Path(p.input).name: p for p in predict(loaded, [str(p) for p in sample_images], top=5)}
     classifier = open_classifier(steered_export.path)
     batch = np.stack([classifier.preprocess(load_image(p)) for p in sample_images])

@@ -110,7 +110,7 @@ def test_closing_the_results_stops_the_feeder_and_the_decoders_with_stdin_still_
     from resnetcli.inference import torch_classifier
     from resnetcli.inputs import expand_inputs
     from resnetcli.predict import predict
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     classifier = torch_classifier(load_model("resnet18", str(steered_resnet18.path)))
     read_end, write_end = os.pipe()
@@ -165,7 +165,7 @@ def test_the_model_side_is_settled_before_the_pipeline_and_never_changed(steered
     from resnetcli.fastpath import plan_for
     from resnetcli.inference import choose_transforms, torch_classifier
     from resnetcli.predict import predict
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     loaded = load_model("resnet18", str(steered_resnet18.path))
     transforms_before = loaded.transforms

@@ -23,7 +23,8 @@ def test_pretrained_build_matches_torchvision_builder(arch, checkpoint_dir):
     import torch
     from torchvision import models
 
-    from resnetcli.registry import _construct, build_model, resolve_weights, weights_file_name
+    from resnetcli.builders import construct as _construct
+    from resnetcli.factory import build_model, resolve_weights, weights_file_name
 
     choice = resolve_weights(arch, "DEFAULT")
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def test_checkpoint_fine_tuned_from_pretrained_googlenet_keeps_its_configuration
     import torch
     from torchvision import models
 
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     torch.manual_seed(0)
     fine_tuned = models.GoogLeNet(aux_logits=False, transform_input=True, init_weights=True).eval()

@@ -359,6 +359,14 @@ FormatOption = Annotated[
         case_sensitive=False,
     ),
 ]
+TrustCheckpointOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Load a --weights checkpoint that needs to run code from the file (weights_only=False): this RUNS THE "
+        "FILE'S CODE; only for files from a source you trust.",
+    ),
+]
 OfflineOption = Annotated[
     bool,
     typer.Option("--offline", help="Never touch the network; missing weights are an error (also RESNET_OFFLINE=1)."),

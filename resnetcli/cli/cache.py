@@ -163,7 +163,7 @@ def fetch(
 def _torchvision_weights(specs: list[str]):
     """(spec, WeightsChoice) for each ARCH[:WEIGHTS], all resolved before anything is fetched."""
     from resnetcli.errors import UsageError
-    from resnetcli.registry import resolve_weights
+    from resnetcli.factory import resolve_weights
 
     resolved = []
     for spec in specs:
@@ -224,14 +224,10 @@ def _empty_cache(fmt, columns: list[str]) -> bool:
 
 
 def _weights_labels() -> dict[str, list[str]]:
-    """Which torchvision ARCH:WEIGHTS each weights file name belongs to, from the weights enums' URLs."""
-    from resnetcli.registry import architecture_names, weights_enum, weights_file_name
+    """Which torchvision ARCH:WEIGHTS each weights file name belongs to (the catalogue's one walk)."""
+    from resnetcli.catalogue import weights_by_file_name
 
-    owners: dict[str, list[str]] = {}
-    for arch in architecture_names():
-        for weights in weights_enum(arch):  # Iterating an enum skips its aliases (DEFAULT).
-            owners.setdefault(weights_file_name(weights), []).append(f"{arch}:{weights.name}")
-    return owners
+    return weights_by_file_name()
 
 
 def _megabytes(size: int) -> str:

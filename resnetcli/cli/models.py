@@ -14,6 +14,7 @@ from resnetcli.cli.app import (
     FormatOption,
     MirrorOption,
     OfflineOption,
+    TrustCheckpointOption,
     app,
     cache_settings,
     download_progress,
@@ -142,6 +143,7 @@ def summary(
         Optional[str], typer.Option("--filter", help="With --params: only names containing this text.")
     ] = None,
     weights: InspectWeightsOption = None,
+    trust_checkpoint: TrustCheckpointOption = False,
     input_shape: InputShapeOption = None,
     inputs: InputOption = None,
     kwargs: KwargsOption = None,
@@ -167,7 +169,15 @@ def summary(
         from resnetcli.summary import summarize
 
         batch, size = torchvision_shape(input_shape, inputs, kwargs, batch, size)
-        report = summarize(arch, weights=weights, input_size=size, batch=batch, depth=depth, name_filter=name_filter)
+        report = summarize(
+            arch,
+            weights=weights,
+            input_size=size,
+            batch=batch,
+            depth=depth,
+            name_filter=name_filter,
+            trust_checkpoint=trust_checkpoint,
+        )
         _remember_names()
     else:
         from resnetcli.anymodel import summarize_spec
@@ -229,6 +239,7 @@ def features(
             "without --save only their configuration is used.",
         ),
     ] = None,
+    trust_checkpoint: TrustCheckpointOption = False,
     input_shape: InputShapeOption = None,
     inputs: InputOption = None,
     kwargs: KwargsOption = None,
@@ -266,7 +277,7 @@ def features(
     if input_shape or inputs or kwargs:
         raise UsageError("--input-shape, --input and --kwargs apply to model specs; torchvision takes --input-size")
     if list_nodes:
-        names = core.list_graph_nodes(arch, weights)
+        names = core.list_graph_nodes(arch, weights, trust_checkpoint)
         _remember_names()
         _write_records(fmt, ["node"], [{"node": name} for name in names], f"{arch} graph nodes")
         return
@@ -284,13 +295,16 @@ def features(
                 nodes=node_list,
                 settings=cache_settings(offline, mirror),
                 on_progress=on_progress,
+                trust_checkpoint=trust_checkpoint,
             )
         for note in notes:
             warn(note)
         core.save_features(tensors, save)
         say(f"saved {len(tensors)} feature maps of {image} to {save}")
     else:
-        report = core.feature_maps(arch, weights=weights, input_size=parse_size(input_size), nodes=node_list)
+        report = core.feature_maps(
+            arch, weights=weights, input_size=parse_size(input_size), nodes=node_list, trust_checkpoint=trust_checkpoint
+        )
     _remember_names()
     title = f"{report.arch} ({report.weights}) feature maps at {'x'.join(map(str, report.input_size))}"
     _write_records(fmt, FEATURE_COLUMNS, [feature.record() for feature in report.maps], title)
@@ -343,7 +357,7 @@ def list_command(
     output_format: FormatOption = None,
 ) -> None:
     """Architectures and their pretrained weights: accuracy, parameters, GFLOPS, file size, and whether cached."""
-    from resnetcli.zoo import weights_catalogue
+    from resnetcli.catalogue import weights_catalogue
 
     if pattern is not None and pattern.startswith("timm:"):
         from resnetcli.anymodel import timm_catalogue

@@ -15,6 +15,7 @@ from resnetcli.cli.app import (
     FormatOption,
     MirrorOption,
     OfflineOption,
+    TrustCheckpointOption,
     app,
     cache_settings,
     download_progress,
@@ -158,16 +159,23 @@ def predict(
         ),
     ],
     arch: Annotated[
-        str, typer.Option("--arch", "-a", help="Architecture: any torchvision classifier (`resnet list`).")
-    ] = "resnet50",
+        Optional[str],
+        typer.Option(
+            "--arch",
+            "-a",
+            help="Architecture: any torchvision classifier (`resnet list`); default: the checkpoint's own, else resnet50.",
+        ),
+    ] = None,
     weights: Annotated[
         str,
         typer.Option(
             "--weights",
             "-w",
-            help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL.",
+            help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file (a path, or a "
+            "file name in the weight cache; a local file wins) or a URL.",
         ),
     ] = "DEFAULT",
+    trust_checkpoint: TrustCheckpointOption = False,
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
     threshold: Annotated[
         float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")
@@ -282,11 +290,11 @@ def predict(
     from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
-    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
+    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
     stdin = sys.stdin.buffer if "-" in inputs else None
     target = RecordsOutput(output)
     try:
@@ -300,7 +308,10 @@ def predict(
                 labels=read_labels(labels) if labels else None,
                 settings=settings,
                 on_progress=on_progress,
+                trust_checkpoint=trust_checkpoint,
             )
+        if preprocess is not None and arch is None:
+            preprocess_with = preprocessing_weights(loaded.arch, preprocess)
         for note in loaded.notes:
             warn(note)
         # The model side is settled here, once; the pipeline below only runs it.

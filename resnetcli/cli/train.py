@@ -215,7 +215,7 @@ def evaluate_command(
     from resnetcli.evaluate import evaluate, plot_confusion
     from resnetcli.finetuned import is_finetuned_checkpoint, load_finetuned
     from resnetcli.predict import resolve_device
-    from resnetcli.registry import load_model
+    from resnetcli.factory import load_model
 
     samples = load_eval_set(data)
     chosen_device = resolve_device(device)
