@@ -56,7 +56,7 @@ def train(data: Path, out: Path, args, cached: bool) -> tuple[float, float]:
     trainer = Trainer(config, load_split(data), out)
     trainer.cached = cached
     started = time.perf_counter()
-    result = trainer.run(lambda epoch: None, lambda name, total: (lambda done: None))
+    result = trainer.run(lambda epoch: None, lambda name, total: lambda done: None)
     return time.perf_counter() - started, result.epochs[-1].val_accuracy
 
 

@@ -179,8 +179,8 @@ def raw_inference(checkpoint: Path, model: Path, arch: str, images: int, batch_s
     import torch
 
     from resnetcli import fastpath
-    from resnetcli.onnxrt import open_classifier
     from resnetcli.factory import load_model
+    from resnetcli.onnxrt import open_classifier
 
     threads = cores()
     fastpath.configure_threads(threads)

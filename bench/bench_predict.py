@@ -37,7 +37,11 @@ SCALES = (1, 1.5, 2.5, 4, 6)
 PYTHON = sys.executable
 GNU_TIME = shutil.which("time", path="/usr/bin:/bin")
 #: The installed console script, as users run it (`python -m resnetcli` when it is not installed).
-RESNET = [str(Path(PYTHON).with_name("resnet"))] if Path(PYTHON).with_name("resnet").exists() else [PYTHON, "-m", "resnetcli"]
+RESNET = (
+    [str(Path(PYTHON).with_name("resnet"))]
+    if Path(PYTHON).with_name("resnet").exists()
+    else [PYTHON, "-m", "resnetcli"]
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +131,9 @@ def run_process(argv: list[str], env: dict) -> tuple[float, float | None]:
     return wall, (int(kib) / 1024 if kib else None)
 
 
-def compare_processes(group: str, commands: dict[str, list[str]], repeats: int, env: dict, images: int | None = None) -> list[Row]:
+def compare_processes(
+    group: str, commands: dict[str, list[str]], repeats: int, env: dict, images: int | None = None
+) -> list[Row]:
     """Run the commands alternately (order reversed every other round) and keep medians."""
     walls: dict[str, list[float]] = {name: [] for name in commands}
     rss: dict[str, list[float | None]] = {name: [] for name in commands}
@@ -149,7 +155,14 @@ def compare_processes(group: str, commands: dict[str, list[str]], repeats: int, 
     return [
         Row(group, name, float("nan"), None, None, [], f"failed: {failures[name]}")
         if name in failures
-        else Row(group, name, statistics.median(walls[name]), images, statistics.median(rss[name]) if None not in rss[name] else None, walls[name])
+        else Row(
+            group,
+            name,
+            statistics.median(walls[name]),
+            images,
+            statistics.median(rss[name]) if None not in rss[name] else None,
+            walls[name],
+        )
         for name in names
     ]
 
@@ -171,7 +184,16 @@ def compare_in_process(group: str, runs: dict[str, callable], repeats: int, imag
 # The levers, in process
 
 
-def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, threads: int, repeats: int, with_compile: bool, onnx_path: Path) -> list[Row]:
+def inference_levers(
+    checkpoint: Path,
+    arch: str,
+    images: int,
+    batch_size: int,
+    threads: int,
+    repeats: int,
+    with_compile: bool,
+    onnx_path: Path,
+) -> list[Row]:
     """Raw inference throughput (decoding excluded) of each lever and of ONNX Runtime, same threads and batches."""
     import numpy as np
     import onnxruntime
@@ -190,11 +212,19 @@ def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, 
     variants["eager, no_grad (as the naive script)"] = _under(torch.no_grad, base)
     variants["eager, inference_mode"] = _under(torch.inference_mode, base)
     plain = fastpath.InferencePlan("cpu", channels_last=True, torchscript_onednn=False)
-    variants["channels_last"] = _under(torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=plain))
+    variants["channels_last"] = _under(
+        torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=plain)
+    )
     folded = fastpath.InferencePlan("cpu", channels_last=True, torchscript_onednn=False, fold_batchnorm=True)
-    variants["channels_last + fold BN (torch.fx)"] = _under(torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=folded))
-    variants["jit.freeze + optimize_for_inference"] = _without_onednn_fusion(_under(torch.no_grad, _jit_optimize_for_inference(copy.deepcopy(base), crop)))
-    fast = fastpath.optimize_for_inference(copy.deepcopy(base), example_shape=(batch_size, 3, crop, crop), images=images)
+    variants["channels_last + fold BN (torch.fx)"] = _under(
+        torch.inference_mode, fastpath.optimize_for_inference(copy.deepcopy(base), plan=folded)
+    )
+    variants["jit.freeze + optimize_for_inference"] = _without_onednn_fusion(
+        _under(torch.no_grad, _jit_optimize_for_inference(copy.deepcopy(base), crop))
+    )
+    fast = fastpath.optimize_for_inference(
+        copy.deepcopy(base), example_shape=(batch_size, 3, crop, crop), images=images
+    )
     variants["fast path (torchscript_onednn)"] = _under(torch.inference_mode, fast)
     compile_note = ""
     if with_compile:
@@ -206,7 +236,9 @@ def inference_levers(checkpoint: Path, arch: str, images: int, batch_size: int, 
         with torch.inference_mode():
             compiled(batches[0].contiguous(memory_format=torch.channels_last))
         compile_note = f"first call (compilation) {time.perf_counter() - start:.1f} s"
-        variants["torch.compile (inductor, freezing)"] = _under(torch.inference_mode, lambda x: compiled(x.contiguous(memory_format=torch.channels_last)))
+        variants["torch.compile (inductor, freezing)"] = _under(
+            torch.inference_mode, lambda x: compiled(x.contiguous(memory_format=torch.channels_last))
+        )
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -274,8 +306,13 @@ def export_onnx(checkpoint: Path, arch: str, folder: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.zeros(1, 3, 224, 224),), str(target), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}}, dynamo=False,
+            model,
+            (torch.zeros(1, 3, 224, 224),),
+            str(target),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}},
+            dynamo=False,
         )
     return target
 
@@ -291,7 +328,10 @@ def loading_levers(checkpoint: Path, arch: str, repeats: int) -> list[Row]:
         model = models.get_model(arch, weights=None)
         model.load_state_dict(torch.load(checkpoint, weights_only=True))
 
-    runs = {"random init + load_state_dict": naive, "meta device + mmap + assign (registry)": lambda: load_model(arch, str(checkpoint))}
+    runs = {
+        "random init + load_state_dict": naive,
+        "meta device + mmap + assign (registry)": lambda: load_model(arch, str(checkpoint)),
+    }
     return compare_in_process(f"build {arch} from a checkpoint", runs, repeats)
 
 
@@ -306,7 +346,9 @@ def decoding_levers(photos: list[Path], repeats: int) -> list[Row]:
     short_side = fastpath.draft_short_side(transforms)
     runs = {
         "full decode (Image.open + convert)": lambda: [transforms(load_image(p)) for p in photos],
-        f"draft decode (short side >= {short_side})": lambda: [transforms(load_image(p, draft_short_side=short_side)) for p in photos],
+        f"draft decode (short side >= {short_side})": lambda: [
+            transforms(load_image(p, draft_short_side=short_side)) for p in photos
+        ],
     }
     return compare_in_process("decode + preprocess", runs, repeats, len(photos))
 
@@ -331,7 +373,10 @@ def ratio(rows: list[Row], group: str, numerator: str, denominator: str, attribu
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| workload | run | wall s (median) | images/s | peak RSS MB | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| workload | run | wall s (median) | images/s | peak RSS MB | note |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for row in rows:
         rate = f"{row.images_per_s:.1f}" if row.images_per_s else ""
         wall = f"{row.wall_s:.2f}" if row.wall_s == row.wall_s else "n/a"
@@ -342,19 +387,34 @@ def markdown(rows: list[Row]) -> str:
 
 def markdown_targets(targets: list[Target]) -> str:
     lines = ["| target | measured | goal | met |", "| --- | ---: | --- | --- |"]
-    lines += [f"| {t.name} | {t.value:.2f} | {t.goal} | {'yes' if t.met else 'no'} |" if t.value == t.value else f"| {t.name} | n/a (a run failed) | {t.goal} | no |" for t in targets]
+    lines += [
+        f"| {t.name} | {t.value:.2f} | {t.goal} | {'yes' if t.met else 'no'} |"
+        if t.value == t.value
+        else f"| {t.name} | n/a (a run failed) | {t.goal} | no |"
+        for t in targets
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 photos, 2 repetitions, no torch.compile, no 2,000-photo run")
+    parser.add_argument(
+        "--quick", action="store_true", help="32 photos, 2 repetitions, no torch.compile, no 2,000-photo run"
+    )
     parser.add_argument("--repeats", type=int, help="repetitions of each measurement (default 3, or 2 with --quick)")
-    parser.add_argument("--photos", type=int, help="photos in the mixed-size workload (default 256, or 64 with --quick)")
-    parser.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: the CPUs this process may use)")
+    parser.add_argument(
+        "--photos", type=int, help="photos in the mixed-size workload (default 256, or 64 with --quick)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: the CPUs this process may use)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--skip-vit", action="store_true", help="skip `resnet summary vit_h_14` vs building it (about 20 s per build)")
-    parser.add_argument("--skip-compile", action="store_true", help="skip torch.compile (tens of seconds of compilation)")
+    parser.add_argument(
+        "--skip-vit", action="store_true", help="skip `resnet summary vit_h_14` vs building it (about 20 s per build)"
+    )
+    parser.add_argument(
+        "--skip-compile", action="store_true", help="skip torch.compile (tens of seconds of compilation)"
+    )
     parser.add_argument("--skip-rss", action="store_true", help="skip the 100 vs 2,000 photos peak-RSS comparison")
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "latest.json")
     args = parser.parse_args()
@@ -375,7 +435,12 @@ def main() -> None:
         photos = [str(p) for p in make_photos(work / "photos", photo_count)]
         cat = str(REPO / "sample_images" / "cat.jpg")
 
-        rows += compare_processes("startup", {"resnet --help": RESNET + ["--help"], 'python -c "import torch"': [PYTHON, "-c", "import torch"]}, repeats + 2, env)
+        rows += compare_processes(
+            "startup",
+            {"resnet --help": RESNET + ["--help"], 'python -c "import torch"': [PYTHON, "-c", "import torch"]},
+            repeats + 2,
+            env,
+        )
         threads_option = ["--threads", str(threads)]
         # `resnet predict` gains --threads with its parallel rewrite; pass it once it has it.
         predict_help = subprocess.run(RESNET + ["predict", "--help"], env=env, capture_output=True, text=True).stdout
@@ -384,45 +449,131 @@ def main() -> None:
             rows += compare_processes(
                 f"cat.jpg, cold process, {arch}",
                 {
-                    "resnet predict": RESNET + ["predict", cat, "--arch", arch, "--weights", str(checkpoints[arch]), *predict_threads],
-                    "fast path preview": [PYTHON, str(BENCH / "fastpath_preview.py"), "--arch", arch, "--weights", str(checkpoints[arch]), *threads_option, cat],
-                    "naive script": [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", str(checkpoints[arch]), cat],
+                    "resnet predict": RESNET
+                    + ["predict", cat, "--arch", arch, "--weights", str(checkpoints[arch]), *predict_threads],
+                    "fast path preview": [
+                        PYTHON,
+                        str(BENCH / "fastpath_preview.py"),
+                        "--arch",
+                        arch,
+                        "--weights",
+                        str(checkpoints[arch]),
+                        *threads_option,
+                        cat,
+                    ],
+                    "naive script": [
+                        PYTHON,
+                        str(BENCH / "naive_predict.py"),
+                        "--arch",
+                        arch,
+                        "--weights",
+                        str(checkpoints[arch]),
+                        cat,
+                    ],
                 },
-                repeats, env, images=1,
+                repeats,
+                env,
+                images=1,
             )
         for arch in ("resnet18", "resnet50"):
             weights = str(checkpoints[arch])
-            preview = [PYTHON, str(BENCH / "fastpath_preview.py"), "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size), *threads_option]
+            preview = [
+                PYTHON,
+                str(BENCH / "fastpath_preview.py"),
+                "--arch",
+                arch,
+                "--weights",
+                weights,
+                "--batch-size",
+                str(args.batch_size),
+                *threads_option,
+            ]
             commands = {
-                "resnet predict": RESNET + ["predict", *photos, "--arch", arch, "--weights", weights, "--batch-size", str(args.batch_size), *predict_threads],
+                "resnet predict": RESNET
+                + [
+                    "predict",
+                    *photos,
+                    "--arch",
+                    arch,
+                    "--weights",
+                    weights,
+                    "--batch-size",
+                    str(args.batch_size),
+                    *predict_threads,
+                ],
                 "fast path preview": preview + photos,
-                "naive script": [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", weights, *photos],
+                "naive script": [
+                    PYTHON,
+                    str(BENCH / "naive_predict.py"),
+                    "--arch",
+                    arch,
+                    "--weights",
+                    weights,
+                    *photos,
+                ],
             }
             if arch == "resnet50":
                 commands["fast path preview + draft decoding"] = preview + ["--draft"] + photos
             rows += compare_processes(f"{len(photos)} photos, {arch}", commands, repeats, env, images=len(photos))
         onnx_path = export_onnx(checkpoints["resnet50"], "resnet50", work)
         lever_images = max(args.batch_size * 2, min(len(photos), 96))
-        rows += inference_levers(checkpoints["resnet50"], "resnet50", lever_images, args.batch_size, threads, repeats, not (args.quick or args.skip_compile), onnx_path)
+        rows += inference_levers(
+            checkpoints["resnet50"],
+            "resnet50",
+            lever_images,
+            args.batch_size,
+            threads,
+            repeats,
+            not (args.quick or args.skip_compile),
+            onnx_path,
+        )
         rows += loading_levers(checkpoints["resnet50"], "resnet50", repeats + 2)
         rows += decoding_levers([Path(p) for p in photos], repeats)
         if not (args.quick or args.skip_rss):
             small = [str(REPO / "sample_images" / p.name) for p in SAMPLES]
             for count in (100, 2000):
                 many = [small[i % len(small)] for i in range(count)]
-                rows += compare_processes(f"peak RSS, {count} photos, resnet18", {"resnet predict": RESNET + ["predict", *many, "--arch", "resnet18", "--weights", str(checkpoints["resnet18"])]}, 1, env, images=count)
+                rows += compare_processes(
+                    f"peak RSS, {count} photos, resnet18",
+                    {
+                        "resnet predict": RESNET
+                        + ["predict", *many, "--arch", "resnet18", "--weights", str(checkpoints["resnet18"])]
+                    },
+                    1,
+                    env,
+                    images=count,
+                )
         if not args.skip_vit:
             build_vit = "import torch\nfrom torchvision import models\nmodels.vit_h_14(weights=None)"
-            rows += compare_processes("vit_h_14", {"resnet summary vit_h_14": RESNET + ["summary", "vit_h_14"], "build vit_h_14 (random init)": [PYTHON, "-c", build_vit]}, max(1, repeats - 1), env)
+            rows += compare_processes(
+                "vit_h_14",
+                {
+                    "resnet summary vit_h_14": RESNET + ["summary", "vit_h_14"],
+                    "build vit_h_14 (random init)": [PYTHON, "-c", build_vit],
+                },
+                max(1, repeats - 1),
+                env,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     targets = targets_from(rows, photo_count)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "usable_cpus": fastpath.usable_cpu_count(), "load_average": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "usable_cpus": fastpath.usable_cpu_count(),
+            "load_average": os.getloadavg(),
+        },
         "versions": versions(),
-        "settings": {"repeats": repeats, "photos": photo_count, "threads": threads, "batch_size": args.batch_size, "quick": args.quick},
+        "settings": {
+            "repeats": repeats,
+            "photos": photo_count,
+            "threads": threads,
+            "batch_size": args.batch_size,
+            "quick": args.quick,
+        },
         "rows": [{**asdict(row), "wall_s": finite(row.wall_s), "images_per_s": row.images_per_s} for row in rows],
         "targets": [{**asdict(t), "value": finite(t.value)} for t in targets],
         "duration_s": round(time.perf_counter() - started, 1),
@@ -448,7 +599,9 @@ def targets_from(rows: list[Row], photo_count: int) -> list[Target]:
     for name in ("resnet predict", "fast path preview"):
         rate = by_name[name].images_per_s
         value = rate / ort.images_per_s if rate else float("nan")
-        targets.append(Target(f"{name} end to end / ONNX Runtime raw inference, images/s, resnet50", value, ">= 1", value >= 1))
+        targets.append(
+            Target(f"{name} end to end / ONNX Runtime raw inference, images/s, resnet50", value, ">= 1", value >= 1)
+        )
     for name in ("resnet predict", "fast path preview"):
         value = ratio(rows, "cat.jpg, cold process, resnet50", name, "naive script")
         targets.append(Target(f"{name} / naive, wall time, cat.jpg cold", value, "<= 0.6", value <= 0.6))
@@ -472,7 +625,9 @@ def finite(value: float) -> float | None:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "torchvision", "onnxruntime", "pillow")} | {"python": platform.python_version()}
+    return {name: version(name) for name in ("torch", "torchvision", "onnxruntime", "pillow")} | {
+        "python": platform.python_version()
+    }
 
 
 if __name__ == "__main__":

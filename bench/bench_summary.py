@@ -21,7 +21,9 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each (alternating); random init takes ~20 s a run")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each (alternating); random init takes ~20 s a run"
+    )
     parser.add_argument("--arch", default="vit_h_14")
     args = parser.parse_args()
 
@@ -46,19 +48,27 @@ def main() -> None:
         build_times.append(time.perf_counter() - started)
         built_params = sum(p.numel() for p in model.parameters())
         del model
-        print(f"run {run}: summary {summary_times[-1]:.3f} s, random-init build {build_times[-1]:.2f} s", file=sys.stderr)
+        print(
+            f"run {run}: summary {summary_times[-1]:.3f} s, random-init build {build_times[-1]:.2f} s", file=sys.stderr
+        )
         if built_params != report.total_params:
             raise SystemExit(f"the two models differ: {built_params} vs {report.total_params} parameters")
 
     summary_median = statistics.median(summary_times)
     build_median = statistics.median(build_times)
-    print(f"{args.arch}: {report.total_params:,} parameters, input {report.input_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.arch}: {report.total_params:,} parameters, input {report.input_size}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"summary (meta device, torchinfo)  median {summary_median:8.3f} s  over {args.repeat} runs")
     print(f"build with random init (CPU)      median {build_median:8.3f} s  over {args.repeat} runs")
     print(f"ratio build / summary             {build_median / summary_median:8.1f}x")
 
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "resnetcli", "summary", args.arch, "--format", "json"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "resnetcli", "summary", args.arch, "--format", "json"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     print(f"`resnet summary {args.arch}` in a fresh process (imports included): {time.perf_counter() - started:.2f} s")
 
 

@@ -27,13 +27,15 @@ def main() -> None:
     import torch
 
     from resnetcli import fastpath
-    from resnetcli.images import load_image
     from resnetcli.factory import load_model
+    from resnetcli.images import load_image
 
     fastpath.configure_threads(args.threads)
     loaded = load_model(args.arch, args.weights)
     crop = min(loaded.transforms.crop_size)
-    model = fastpath.optimize_for_inference(loaded.model, example_shape=(args.batch_size, 3, crop, crop), images=len(args.images))
+    model = fastpath.optimize_for_inference(
+        loaded.model, example_shape=(args.batch_size, 3, crop, crop), images=len(args.images)
+    )
     short_side = fastpath.draft_short_side(loaded.transforms)
 
     def decode(path):
@@ -49,7 +51,9 @@ def main() -> None:
                 {"rank": rank, "index": index, "label": loaded.categories[index], "prob": round(prob, 6)}
                 for rank, (prob, index) in enumerate(zip(row_values, row_indices), start=1)
             ]
-            sys.stdout.write(json.dumps({"input": path, "arch": loaded.arch, "weights": loaded.weights.name, "top": top}) + "\n")
+            sys.stdout.write(
+                json.dumps({"input": path, "arch": loaded.arch, "weights": loaded.weights.name, "top": top}) + "\n"
+            )
 
 
 if __name__ == "__main__":

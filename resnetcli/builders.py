@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,7 +45,7 @@ class _Configured:
         self._meta = meta
 
     @property  # type: ignore[misc]
-    def __class__(self):  # noqa: D105
+    def __class__(self):
         return type(self._weights)
 
     @property
@@ -59,7 +59,7 @@ class _Configured:
         return getattr(self._weights, name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def meta_buildable(arch: str) -> bool:
     """Whether `arch` can be built on the meta device. RegNet computes its widths with torch, which
     fails there ("Cannot copy out of meta tensor"); such architectures are built on the CPU."""

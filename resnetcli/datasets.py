@@ -197,7 +197,7 @@ class ImageReader:
         import torch
 
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
+            chunk = samples[start : start + batch_size]
             outcomes = list(self.pool.map(lambda s: self._load(s, augment), chunk))
             kept, tensors = [], []
             for sample, outcome in zip(chunk, outcomes):

@@ -110,7 +110,7 @@ class CacheSettings:
     @classmethod
     def from_env(
         cls, offline: bool | None = None, mirror: str | None = None, timeout: float | None = None
-    ) -> "CacheSettings":
+    ) -> CacheSettings:
         """Settings from command-line values, else RESNET_OFFLINE, RESNET_MIRROR, RESNET_TIMEOUT and
         RESNET_MAX_DOWNLOAD."""
         env_offline = _flag_from_env("RESNET_OFFLINE")
@@ -196,7 +196,7 @@ def _check_free_space(folder: Path, size: int) -> None:
         )
 
 
-def _http_source(url: str, timeout: float, cap: int, known: bool, report: Callable[[int, "int | None"], None]):
+def _http_source(url: str, timeout: float, cap: int, known: bool, report: Callable[[int, int | None], None]):
     """Open `url` as a Source that reads at most `cap` bytes and checks the length the server announced.
 
     `known`: the cap is the expected size (the message says so) rather than RESNET_MAX_DOWNLOAD.

@@ -111,12 +111,16 @@ class Evaluation:
             "classes": list(self.classes),
             "per_class": [metrics.record() for metrics in self.per_class],
             "confusion_matrix": [list(row) for row in self.confusion_matrix],
-            "errors": [{"input": r.input, "label": r.label, "predicted": r.predicted, "prob": r.prob} for r in self.errors],
+            "errors": [
+                {"input": r.input, "label": r.label, "predicted": r.predicted, "prob": r.prob} for r in self.errors
+            ],
             "skipped": list(self.skipped),
         }
 
 
-def score(arch: str, weights: str, results: Sequence[InputResult], order: Sequence[str], skipped: Sequence[str]) -> Evaluation:
+def score(
+    arch: str, weights: str, results: Sequence[InputResult], order: Sequence[str], skipped: Sequence[str]
+) -> Evaluation:
     """Metrics from per-input results; `order` lists every class name in the model's index order."""
     present = {r.label for r in results} | {r.predicted for r in results}
     classes = tuple(name for name in order if name in present)

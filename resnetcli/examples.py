@@ -33,7 +33,7 @@ class InputSpec:
     def record(self) -> dict:
         return {**asdict(self), "shape": list(self.shape)}
 
-    def resized(self, size: int) -> "InputSpec":
+    def resized(self, size: int) -> InputSpec:
         """The same input with its trailing size dimensions (H and W of an image, L of a sequence) set to `size`."""
         dims = list(self.shape)
         for axis in size_axes(self.shape):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from resnetcli import checkpoints
+from resnetcli.builders import build_with_state_dict, construct, expected_shapes, meta_buildable
 from resnetcli.catalogue import (  # noqa: F401 - re-exported: the factory is where callers find names
     DEFAULT_WEIGHTS,
     NO_WEIGHTS,
@@ -24,7 +25,6 @@ from resnetcli.catalogue import (  # noqa: F401 - re-exported: the factory is wh
     weights_file_name,
     weights_names,
 )
-from resnetcli.builders import build_with_state_dict, construct, expected_shapes, meta_buildable
 from resnetcli.checkpoints import Checkpoint, load_state_dict, read_checkpoint  # noqa: F401 - re-exported
 from resnetcli.errors import CheckpointError, UnknownWeights, UsageError
 

@@ -127,7 +127,7 @@ class InferenceModel:
         try:
             with onednn_fusion():
                 return self.model(batch).float()
-        except Exception as error:  # noqa: BLE001 - a graph that passed its checks failing later: stay eager
+        except Exception as error:
             log.debug(
                 "the traced graph failed (%s: %s); running the eager model from now on", type(error).__name__, error
             )
@@ -147,7 +147,7 @@ class InferenceModel:
             try:
                 with onednn_fusion():
                     got = graph(batch)
-            except Exception as error:  # noqa: BLE001 - a specialised trace fails in many ways on other shapes
+            except Exception as error:
                 log.debug(
                     "the traced graph failed on run %d (%s: %s); staying eager", run + 1, type(error).__name__, error
                 )
@@ -208,7 +208,7 @@ def fold_batchnorm(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 
     try:
         return fuse(model, inplace=True), True
-    except Exception as error:  # noqa: BLE001 - torch.fx raises many kinds of errors for untraceable code
+    except Exception as error:
         log.debug("batch norm not folded: torch.fx cannot trace the model (%s: %s)", type(error).__name__, error)
         return model, False
 
@@ -229,7 +229,7 @@ def _freeze_for_onednn(model: torch.nn.Module, example_shape: Sequence[int], pla
         try:
             with torch.no_grad():
                 frozen = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False).eval())
-        except Exception as error:  # noqa: BLE001 - tracing fails in many ways on dynamic models
+        except Exception as error:
             log.debug("no traced graph: tracing failed (%s: %s); the eager model runs", type(error).__name__, error)
             return None
     return frozen

@@ -11,7 +11,7 @@ import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from resnetcli.errors import UsageError
@@ -111,7 +111,7 @@ def _describe(
     return (shape[1] if layout == NCHW else shape[3]), stride_of(ratio)
 
 
-def _image(model: "torch.nn.Module", height: int, width: int, channels: int = 3) -> "torch.Tensor":
+def _image(model: torch.nn.Module, height: int, width: int, channels: int = 3) -> torch.Tensor:
     """An empty image batch where the model lives: meta, or the CPU for a model that had to be built there."""
     import torch
 
@@ -120,7 +120,7 @@ def _image(model: "torch.nn.Module", height: int, width: int, channels: int = 3)
 
 
 def _forward_shapes(
-    model: "torch.nn.Module", height: int, width: int, channels: int = 3
+    model: torch.nn.Module, height: int, width: int, channels: int = 3
 ) -> list[tuple[str, tuple[int, ...] | None, bool]]:
     """Run a forward pass; (module name, output shape or None, has children) per call, in completion order."""
     import torch
@@ -145,7 +145,7 @@ def _forward_shapes(
 
 
 def _module_outputs(
-    arch: str, model: "torch.nn.Module", height: int, width: int, channels: int = 3
+    arch: str, model: torch.nn.Module, height: int, width: int, channels: int = 3
 ) -> tuple[list[_Output], tuple[int, int] | None]:
     """Every module call's output at (height, width), with its shape at twice the size if the model runs there."""
     try:
@@ -217,7 +217,7 @@ def _feature(
     return FeatureMap(name, node, list(shape), layout, channels, stride)
 
 
-def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int, channels: int = 3) -> list[FeatureMap]:
+def natural_stages(arch: str, model: torch.nn.Module, height: int, width: int, channels: int = 3) -> list[FeatureMap]:
     """The multi-scale stages of a backbone, found from its own structure.
 
     Every module output that is a map of the input (see `_map_layout`) gets a stride. A module is
@@ -238,7 +238,7 @@ def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int,
         for name in [output.module, *_ancestors(output.module)]:
             strides_within.setdefault(name, set()).add(feature.stride)
 
-    @lru_cache(maxsize=None)
+    @cache
     def is_unit(name: str) -> bool:
         spanned = strides_within.get(name, set())
         return name in own_stride and len(spanned) <= 2 and max(spanned) == own_stride[name]
@@ -268,7 +268,7 @@ def natural_stages(arch: str, model: "torch.nn.Module", height: int, width: int,
     return stages
 
 
-def graph_nodes(model: "torch.nn.Module") -> list[str]:
+def graph_nodes(model: torch.nn.Module) -> list[str]:
     """The names of a model's graph nodes in eval mode (torch.fx), as `create_feature_extractor` takes them."""
     from torchvision.models.feature_extraction import get_graph_node_names
 
@@ -277,7 +277,7 @@ def graph_nodes(model: "torch.nn.Module") -> list[str]:
         return get_graph_node_names(model)[1]
 
 
-def _node_extractor(arch: str, model: "torch.nn.Module", nodes: Mapping[str, str]):
+def _node_extractor(arch: str, model: torch.nn.Module, nodes: Mapping[str, str]):
     from torchvision.models.feature_extraction import create_feature_extractor
 
     try:
@@ -306,7 +306,7 @@ def _node_shapes(extractor, height: int, width: int) -> dict[str, tuple[int, ...
     return {name: tuple(t.shape) if isinstance(t, torch.Tensor) else None for name, t in outputs.items()}
 
 
-def node_maps(arch: str, model: "torch.nn.Module", nodes: Sequence[str], height: int, width: int) -> list[FeatureMap]:
+def node_maps(arch: str, model: torch.nn.Module, nodes: Sequence[str], height: int, width: int) -> list[FeatureMap]:
     """Shapes, layouts, channels and strides of any graph nodes (or module names) of a model."""
     extractor = _node_extractor(arch, model, {node: node for node in nodes})
     try:
@@ -395,7 +395,7 @@ def extract_features(
     settings=None,
     on_progress=None,
     trust_checkpoint: bool = False,
-) -> tuple[FeatureReport, dict[str, "torch.Tensor"], list[str]]:
+) -> tuple[FeatureReport, dict[str, torch.Tensor], list[str]]:
     """Run a real image through the model with its weights and return the feature tensors.
 
     The weights come through `factory.load_model` (cache, download, mirror, offline, checkpoint);
@@ -404,13 +404,11 @@ def extract_features(
     """
     import torch
 
-    from resnetcli.images import load_image
     from resnetcli.factory import load_model
+    from resnetcli.images import load_image
 
     image = load_image(image_path)  # a bad image fails before any download
-    loaded = load_model(
-        arch, weights, settings=settings, on_progress=on_progress, trust_checkpoint=trust_checkpoint
-    )
+    loaded = load_model(arch, weights, settings=settings, on_progress=on_progress, trust_checkpoint=trust_checkpoint)
     batch = loaded.transforms(image).unsqueeze(0)
     height, width = batch.shape[-2:]
     plan = meta_model(
@@ -428,7 +426,7 @@ def extract_features(
     return FeatureReport(loaded.arch, loaded.weights.name, list(batch.shape), maps), dict(tensors), loaded.notes
 
 
-def save_features(tensors: Mapping[str, "torch.Tensor"], path) -> None:
+def save_features(tensors: Mapping[str, torch.Tensor], path) -> None:
     """Save feature tensors by name: `.npz` through numpy, `.pt` as a dict of tensors through torch.save."""
     import torch
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """The choices of one `resnet finetune` run."""
@@ -133,8 +134,14 @@ class Trainer:
         if payload is not None:
             if tuple(payload["classes"]) != self.classes:
                 raise UsageError(f"--resume {resume}: trained on {payload['classes']}, DATA has {list(self.classes)}")
-            self.config = config = FinetuneConfig(**{**asdict(config), "arch": payload["arch"], "train": TrainMode(
-                payload["train"]), "seed": int(payload["seed"])})
+            self.config = config = FinetuneConfig(
+                **{
+                    **asdict(config),
+                    "arch": payload["arch"],
+                    "train": TrainMode(payload["train"]),
+                    "seed": int(payload["seed"]),
+                }
+            )
             loaded = load_finetuned(resume, payload)
             self.base_weights = payload["base_weights"]
             self.history = [EpochResult(**epoch) for epoch in payload["metrics"]["epochs"]]
@@ -197,7 +204,9 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def run(self, on_epoch: Callable[[EpochResult], None], on_phase: Callable[[str, int], Callable[[int], None]]) -> FinetuneResult:
+    def run(
+        self, on_epoch: Callable[[EpochResult], None], on_phase: Callable[[str, int], Callable[[int], None]]
+    ) -> FinetuneResult:
         """Train the remaining epochs, checkpointing after each; returns the whole run."""
         import torch
 
@@ -214,7 +223,9 @@ class Trainer:
                 else:
                     val_x, val_y = self._features(val, on_phase("features (val)", len(val)))
                     cache = (self._standardise(train_x), train_y, val_x, val_y)
-            parameters = self.standardised[2:] if self.standardised else [p for p in self.model.parameters() if p.requires_grad]
+            parameters = (
+                self.standardised[2:] if self.standardised else [p for p in self.model.parameters() if p.requires_grad]
+            )
             self.optimizer = torch.optim.Adam(parameters, lr=config.lr)
             if self.optimizer_state is not None:
                 self.optimizer.load_state_dict(self.optimizer_state)
@@ -282,7 +293,7 @@ class Trainer:
         order = torch.randperm(len(features), generator=generator)
         total = 0.0
         for start in range(0, len(order), self.config.batch_size):
-            index = order[start:start + self.config.batch_size]
+            index = order[start : start + self.config.batch_size]
             loss = torch.nn.functional.cross_entropy(head(features[index]), labels[index].to(features.device))
             self.optimizer.zero_grad()
             loss.backward()

@@ -50,7 +50,7 @@ def transforms_from(record: dict):
 
 
 def base_weights_name(choice: factory.WeightsChoice) -> str:
-    """"ResNet18_Weights.IMAGENET1K_V1", "none", a checkpoint file's sha256, or a URL."""
+    """ "ResNet18_Weights.IMAGENET1K_V1", "none", a checkpoint file's sha256, or a URL."""
     if choice.pretrained is not None:
         return f"{type(choice.pretrained).__name__}.{choice.pretrained.name}"
     if choice.path is not None:
@@ -124,7 +124,7 @@ def is_finetuned_checkpoint(path: Path) -> bool:
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not one of these
+    except Exception:
         log.debug("%s is not a fine-tuned checkpoint", path, exc_info=True)
         return False
     return isinstance(payload, dict) and payload.get("format") == FORMAT

@@ -112,7 +112,7 @@ def fetch_bytes(url: str, timeout: float) -> bytes:
             raise InputError(shown, f"cannot fetch: no answer within {timeout:g} s") from None
         text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
         raise InputError(shown, f"cannot fetch: {text}") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise InputError(shown, f"cannot fetch: no answer within {timeout:g} s") from None
     except http.client.HTTPException as error:
         # Not an HTTP server, a status line or header that is too long, too many headers, a body
@@ -250,7 +250,7 @@ def is_image_file(path: str) -> bool:
             return True
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return True
-    except Exception as error:  # noqa: BLE001 - any failure to identify means "not an image"
+    except Exception as error:
         log.debug("%s is not taken as an image: %s: %s", path, type(error).__name__, error)
         return False
 

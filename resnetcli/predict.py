@@ -163,7 +163,7 @@ class _Decoders:
                 continue
             try:
                 future.set_result(function(*args))
-            except BaseException as error:  # noqa: BLE001 - handed to the consumer through the future
+            except BaseException as error:
                 future.set_exception(error)
 
     def shutdown(self, wait: float) -> None:
@@ -243,7 +243,7 @@ def predict(
                 ready.put((item, None if item.error is not None else decoders.submit(prepare, item.source)))
                 if cancel.is_set():
                     return
-        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread to raise
+        except BaseException as error:
             ready.put(error)
         ready.put(_END)
 

@@ -33,7 +33,7 @@ EXTRA = "resnetcli[ray]"
 
 try:
     import ray
-    import ray.data  # noqa: F401 - Ray Data is what the extra adds over plain Ray
+    import ray.data
 except ImportError as _missing:  # pragma: no cover - exercised in a subprocess without Ray
     raise ImportError(f"resnetcli.ray needs Ray Data, which is not installed: pip install '{EXTRA}'") from _missing
 
@@ -78,9 +78,9 @@ class Classifier:
         batch_size: int = 16,
     ) -> None:
         from resnetcli.cache import CacheSettings
+        from resnetcli.factory import load_model
         from resnetcli.fastpath import configure_threads, optimize_for_inference
         from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
-        from resnetcli.factory import load_model
 
         self.top = top
         self.threshold = threshold
@@ -168,7 +168,7 @@ def assigned_cpus() -> int | None:
         return None
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    except Exception:  # noqa: BLE001 - the driver has no assignment; any failure means "not known"
+    except Exception:
         log.debug("no CPU assignment from Ray", exc_info=True)
         return None
     return max(1, int(cpus)) if cpus else None

@@ -68,7 +68,7 @@ def _crop_size(weights) -> int:
     return int(crop[0]) if crop else int(weights.meta.get("min_size", (224, 224))[0])
 
 
-def runs_at(model: "torch.nn.Module", height: int, width: int) -> bool:
+def runs_at(model: torch.nn.Module, height: int, width: int) -> bool:
     """Whether a meta model takes a 1x3xHxW image."""
     import torch
 
@@ -81,7 +81,7 @@ def runs_at(model: "torch.nn.Module", height: int, width: int) -> bool:
         return False
 
 
-def default_input_size(arch: str, model: "torch.nn.Module | None" = None, choice: WeightsChoice | None = None) -> int:
+def default_input_size(arch: str, model: torch.nn.Module | None = None, choice: WeightsChoice | None = None) -> int:
     """The input size to show a model at when none is given: the crop size of its weights' preprocessing.
 
     For a model not configured by pretrained weights (a checkpoint, `none`) whose default weights'
@@ -99,7 +99,7 @@ def default_input_size(arch: str, model: "torch.nn.Module | None" = None, choice
     return preferred
 
 
-def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> int | None:
+def smallest_input_size(arch: str, model: torch.nn.Module | None = None) -> int | None:
     """The smallest square input a model runs on, by bisection on the meta device.
 
     The search runs between 1 pixel and the default input size; it returns a size that was seen
@@ -120,14 +120,14 @@ def smallest_input_size(arch: str, model: "torch.nn.Module | None" = None) -> in
     return high
 
 
-def input_size_error(arch: str, model: "torch.nn.Module", height: int, width: int, error: BaseException) -> UsageError:
+def input_size_error(arch: str, model: torch.nn.Module, height: int, width: int, error: BaseException) -> UsageError:
     """The usage error for an input the model cannot take: its own reason and the smallest size that works."""
     smallest = smallest_input_size(arch, model)
     hint = f"; the smallest size that works is {smallest}" if smallest else ""
     return UsageError(f"{arch} cannot run on a {height}x{width} input ({root_cause(error)}){hint}")
 
 
-def check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "torch.Tensor"], source: str) -> None:
+def check_fit(arch: str, model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError unless a checkpoint has exactly the model's tensor names and shapes."""
     expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
     problems = [f"missing {key}" for key in expected if key not in state_dict]
@@ -144,7 +144,7 @@ def check_fit(arch: str, model: "torch.nn.Module", state_dict: Mapping[str, "tor
 
 def inspection_model(
     arch: str, weights: str | None = None, trust_checkpoint: bool = False
-) -> tuple[WeightsChoice, "torch.nn.Module", dict | None]:
+) -> tuple[WeightsChoice, torch.nn.Module, dict | None]:
     """The meta model that `--weights` describes, without downloading anything.
 
     A weights name configures the model as those weights do; `none` gives the plain architecture;

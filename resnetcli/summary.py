@@ -129,8 +129,8 @@ class Summary:
 
 
 def parameter_rows(
-    model: "torch.nn.Module",
-    state_dict: Mapping[str, "torch.Tensor"] | None = None,
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
     name_filter: str | None = None,
 ) -> list[ParamRow]:
     """Every parameter and buffer of a model with shape, dtype and whether it is trainable.
@@ -151,7 +151,7 @@ def parameter_rows(
     return rows
 
 
-def count_gflops(model: "torch.nn.Module", example: Any) -> float:
+def count_gflops(model: torch.nn.Module, example: Any) -> float:
     """Multiply-adds of one forward pass, in billions, from torch's own operator-level counter.
 
     torch counts a multiply-add as 2 FLOPs; torchvision's `meta["_ops"]` (its "GFLOPS") counts it
@@ -166,7 +166,7 @@ def count_gflops(model: "torch.nn.Module", example: Any) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def call_model(model: "torch.nn.Module", example: Any) -> Any:
+def call_model(model: torch.nn.Module, example: Any) -> Any:
     """Run a model on an example: a tensor, a tuple of positional tensors, or a dict of keyword tensors."""
     if isinstance(example, dict):
         return model(**example)
@@ -175,7 +175,7 @@ def call_model(model: "torch.nn.Module", example: Any) -> Any:
     return model(example)
 
 
-def _device_of(model: "torch.nn.Module", example: Any):
+def _device_of(model: torch.nn.Module, example: Any):
     """Where a model and its example live (torchinfo would otherwise move both to its own pick)."""
     import torch
 
@@ -193,12 +193,12 @@ def _as_list(value) -> list[int] | None:
 
 def model_summary(
     title: str,
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     example: Any,
     *,
     depth: int,
     weights: str,
-    state_dict: Mapping[str, "torch.Tensor"] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
     name_filter: str | None = None,
     inputs: Sequence[InputTensor] = (),
     build: str = "meta",

@@ -122,7 +122,7 @@ def steered_resnet18(tmp_path_factory, sample_images) -> Checkpoint:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):
         pass
 
 

@@ -24,8 +24,12 @@ NOBODY = 65534
 #: An unprivileged user that may still read and search everything (CAP_DAC_READ_SEARCH), so that
 #: pytest's private folders need no mode change, but writes only where `nobody` may: nowhere here.
 AS_NOBODY = [
-    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-    "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+    "setpriv",
+    f"--reuid={NOBODY}",
+    f"--regid={NOBODY}",
+    "--clear-groups",
+    "--inh-caps=+dac_read_search",
+    "--ambient-caps=+dac_read_search",
 ]
 
 

@@ -24,7 +24,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, env_without_resnet, save_hub_style, sha256_file
 from readonly_cache import first_way, run_cli_read_only
 
@@ -92,9 +91,9 @@ def impostor(tmp_path_factory) -> WeightFile:
 class _Handler(BaseHTTPRequestHandler):
     """GET /MODE/NAME serves the file NAME the way MODE says (see FlakyServer)."""
 
-    server: "_Server"
+    server: _Server
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):
         pass
 
     def do_GET(self):
@@ -194,7 +193,10 @@ def refused_url(name: str) -> str:
 def fetch_process(url: str, torch_home: Path, *extra: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "resnetcli", "fetch", "--url", url, "--format", "jsonl", *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env=env_without_resnet(TORCH_HOME=str(torch_home), **env),
     )
 
@@ -221,18 +223,33 @@ def test_fetch_url_downloads_verified_file_and_reports_it_in_every_format(runner
     result = run_cli(runner, app, "fetch", "--url", url, "--format", "jsonl")
     assert result.exit_code == 0, result.stderr
     cached = checkpoint_dir / tiny.name
-    assert jsonl(result.stdout) == [{
-        "name": url, "file": tiny.name, "size": len(tiny.data), "sha256": tiny.sha256,
-        "path": str(cached), "status": "downloaded",
-    }]
+    assert jsonl(result.stdout) == [
+        {
+            "name": url,
+            "file": tiny.name,
+            "size": len(tiny.data),
+            "sha256": tiny.sha256,
+            "path": str(cached),
+            "status": "downloaded",
+        }
+    ]
     assert cached.read_bytes() == tiny.data
     assert f"resnet: downloading {tiny.name}" in result.stderr  # progress on stderr only
     assert cache_contents(checkpoint_dir) == [f".resnetcli/{tiny.name}.json", tiny.name]
 
     # Again, in each other format: served from the cache, no second download.
-    again = {fmt: run_cli(runner, app, "fetch", "--url", url, "--format", fmt) for fmt in ("json", "csv", "tsv", "table")}
+    again = {
+        fmt: run_cli(runner, app, "fetch", "--url", url, "--format", fmt) for fmt in ("json", "csv", "tsv", "table")
+    }
     assert {fmt: r.exit_code for fmt, r in again.items()} == {"json": 0, "csv": 0, "tsv": 0, "table": 0}
-    fields = {"name": url, "file": tiny.name, "size": len(tiny.data), "sha256": tiny.sha256, "path": str(cached), "status": "already cached"}
+    fields = {
+        "name": url,
+        "file": tiny.name,
+        "size": len(tiny.data),
+        "sha256": tiny.sha256,
+        "path": str(cached),
+        "status": "already cached",
+    }
     assert json.loads(again["json"].stdout) == [fields]
     text_row = {**{key: str(value) for key, value in fields.items()}, "error": ""}
     assert list(csv.DictReader(io.StringIO(again["csv"].stdout))) == [text_row]
@@ -248,7 +265,10 @@ def test_fetch_url_needs_a_hash_from_sha256_or_the_file_name(runner, app, server
 
     unverifiable = run_cli(runner, app, "fetch", "--url", url)
     assert unverifiable.exit_code == 3
-    assert unverifiable.stderr == f"resnet: error: {url}: no sha256 to verify against: pass --sha256 or use a NAME-<sha256 prefix>.pth file name\n"
+    assert (
+        unverifiable.stderr
+        == f"resnet: error: {url}: no sha256 to verify against: pass --sha256 or use a NAME-<sha256 prefix>.pth file name\n"
+    )
     assert server.gets == Counter()  # refused before any download
 
     bad_argument = run_cli(runner, app, "fetch", "--url", url, "--sha256", "not-hex")
@@ -263,7 +283,10 @@ def test_fetch_url_needs_a_hash_from_sha256_or_the_file_name(runner, app, server
     # A cached file that is not the one asked for is reported, not silently used.
     other = run_cli(runner, app, "fetch", "--url", url, "--sha256", "0" * 64)
     assert other.exit_code == 3
-    assert f"{checkpoint_dir / 'finetuned.pth'}: cached file has sha256 {tiny.sha256[:16]}..., not the expected" in other.stderr
+    assert (
+        f"{checkpoint_dir / 'finetuned.pth'}: cached file has sha256 {tiny.sha256[:16]}..., not the expected"
+        in other.stderr
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +294,14 @@ def test_fetch_url_needs_a_hash_from_sha256_or_the_file_name(runner, app, server
 
 
 @pytest.mark.parametrize("mode", ["wrong", "short", "stall", "silent", "404", "refused"])
-def test_failed_download_is_one_line_naming_the_url_and_leaves_nothing(runner, app, server, tiny, impostor, checkpoint_dir, monkeypatch, mode):
+def test_failed_download_is_one_line_naming_the_url_and_leaves_nothing(
+    runner, app, server, tiny, impostor, checkpoint_dir, monkeypatch, mode
+):
     name = server.add(tiny)
     size = len(tiny.data)
-    url = {"404": f"{server.url}/ok/missing-0123abcd.pth", "refused": refused_url(name)}.get(mode) or server.file_url(mode, name)
+    url = {"404": f"{server.url}/ok/missing-0123abcd.pth", "refused": refused_url(name)}.get(mode) or server.file_url(
+        mode, name
+    )
     expected_message = {
         "wrong": f"{url}: sha256 mismatch: expected {tiny.sha256[:8]}..., got {impostor.sha256[:16]}...; the file was discarded",
         "short": f"{url}: download incomplete: got {size // 2} of {size} bytes",
@@ -293,7 +320,9 @@ def test_failed_download_is_one_line_naming_the_url_and_leaves_nothing(runner, a
     assert time.monotonic() - started < 10
     assert result.exit_code == 3
     lines = result.stderr.splitlines()
-    assert [line for line in lines if not line.startswith("resnet: downloading ")] == [f"resnet: error: {expected_message}"]
+    assert [line for line in lines if not line.startswith("resnet: downloading ")] == [
+        f"resnet: error: {expected_message}"
+    ]
     assert jsonl(result.stdout) == [{"name": url, "error": expected_message}]
     assert cache_contents(checkpoint_dir) == []
 
@@ -377,13 +406,18 @@ def test_offline_fails_at_once_naming_file_and_fetch_command(runner, app, server
     result = run_cli(runner, app, "fetch", "--url", url)
     assert result.exit_code == 3
     assert f"{tiny.name} is not in the weight cache" in result.stderr
-    assert f"`resnet fetch --url {url}` where the network is reachable, or copy it in with `resnet fetch --from-file PATH --url {url}`" in result.stderr
+    assert (
+        f"`resnet fetch --url {url}` where the network is reachable, or copy it in with `resnet fetch --from-file PATH --url {url}`"
+        in result.stderr
+    )
     assert time.monotonic() - started < 5
     assert server.gets == Counter()
     assert cache_contents(checkpoint_dir) == []
 
 
-def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, server, tiny, impostor, checkpoint_dir, monkeypatch, steered_resnet18, sample_images):
+def test_mirror_replaces_torchvisions_host_but_not_a_users_url(
+    runner, app, server, tiny, impostor, checkpoint_dir, monkeypatch, steered_resnet18, sample_images
+):
     from torchvision.models import ResNet18_Weights
 
     file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
@@ -392,7 +426,10 @@ def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, serv
     monkeypatch.setenv("RESNET_MIRROR", mirror)
     result = run_cli(runner, app, "fetch", "resnet18:IMAGENET1K_V1")
     assert result.exit_code == 3
-    assert f"resnet: error: {server.url}/ok/{file_name}: sha256 mismatch: expected {hub_prefix(file_name)}..." in result.stderr
+    assert (
+        f"resnet: error: {server.url}/ok/{file_name}: sha256 mismatch: expected {hub_prefix(file_name)}..."
+        in result.stderr
+    )
     assert server.gets == Counter({f"/ok/{file_name}": 1})
     assert cache_contents(checkpoint_dir) == []
 
@@ -407,8 +444,21 @@ def test_mirror_replaces_torchvisions_host_but_not_a_users_url(runner, app, serv
     result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", name), "--mirror", refused_url(""))
     assert result.exit_code == 0, result.stderr
     assert (checkpoint_dir / tiny.name).read_bytes() == tiny.data
-    steered = server.add(WeightFile(steered_resnet18.path, steered_resnet18.path.read_bytes(), sha256_file(steered_resnet18.path)))
-    result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", server.file_url("ok", steered), "--format", "jsonl")
+    steered = server.add(
+        WeightFile(steered_resnet18.path, steered_resnet18.path.read_bytes(), sha256_file(steered_resnet18.path))
+    )
+    result = run_cli(
+        runner,
+        app,
+        "predict",
+        sample_images[0],
+        "--arch",
+        "resnet18",
+        "--weights",
+        server.file_url("ok", steered),
+        "--format",
+        "jsonl",
+    )
     assert result.exit_code == 0, result.stderr
     assert jsonl(result.stdout)[0]["top"][0]["index"] == steered_resnet18.expected[sample_images[0].name]
     assert server.gets[f"/ok/{steered}"] == 1
@@ -435,10 +485,16 @@ def test_from_file_imports_only_verified_files(runner, app, server, tiny, impost
     # A hub-style name verifies itself; the file then serves its URL offline.
     imported = run_cli(runner, app, "fetch", "--from-file", tiny.path, "--format", "jsonl")
     assert imported.exit_code == 0, imported.stderr
-    assert jsonl(imported.stdout) == [{
-        "name": str(tiny.path), "file": tiny.name, "size": len(tiny.data), "sha256": tiny.sha256,
-        "path": str(checkpoint_dir / tiny.name), "status": "imported",
-    }]
+    assert jsonl(imported.stdout) == [
+        {
+            "name": str(tiny.path),
+            "file": tiny.name,
+            "size": len(tiny.data),
+            "sha256": tiny.sha256,
+            "path": str(checkpoint_dir / tiny.name),
+            "status": "imported",
+        }
+    ]
     name = server.add(tiny)
     offline = run_cli(runner, app, "fetch", "--url", server.file_url("ok", name), "--offline", "--format", "jsonl")
     assert offline.exit_code == 0, offline.stderr
@@ -451,13 +507,18 @@ def test_from_file_imports_only_verified_files(runner, app, server, tiny, impost
     wrong = run_cli(runner, app, "fetch", "--from-file", carried, "--url", url, "--sha256", tiny.sha256)
     assert wrong.exit_code == 3 and "sha256 mismatch" in wrong.stderr
     assert not (checkpoint_dir / "finetuned.pth").exists()
-    right = run_cli(runner, app, "fetch", "--from-file", carried, "--url", url, "--sha256", impostor.sha256[:12], "--format", "json")
+    right = run_cli(
+        runner, app, "fetch", "--from-file", carried, "--url", url, "--sha256", impostor.sha256[:12], "--format", "json"
+    )
     assert right.exit_code == 0, right.stderr
     assert (checkpoint_dir / "finetuned.pth").read_bytes() == impostor.data
     assert server.gets == Counter()  # imports never touch the network
     assert partials_in(checkpoint_dir) == []
 
-    assert run_cli(runner, app, "fetch", "--from-file", tmp_path / "nope.pth").stderr == f"resnet: error: --from-file {tmp_path / 'nope.pth'}: no such file\n"
+    assert (
+        run_cli(runner, app, "fetch", "--from-file", tmp_path / "nope.pth").stderr
+        == f"resnet: error: --from-file {tmp_path / 'nope.pth'}: no such file\n"
+    )
     assert run_cli(runner, app, "fetch", "--from-file", carried, "resnet18", "resnet50").exit_code == 2
 
 
@@ -465,7 +526,9 @@ def test_from_file_imports_only_verified_files(runner, app, server, tiny, impost
 # A cached file altered after download
 
 
-def test_truncated_or_altered_cached_file_is_caught_before_loading(runner, app, server, tiny, checkpoint_dir, sample_images):
+def test_truncated_or_altered_cached_file_is_caught_before_loading(
+    runner, app, server, tiny, checkpoint_dir, sample_images
+):
     name = server.add(tiny)
     url = server.file_url("ok", name)
     assert run_cli(runner, app, "fetch", "--url", url).exit_code == 0
@@ -491,14 +554,18 @@ def test_truncated_or_altered_cached_file_is_caught_before_loading(runner, app, 
     assert server.gets == Counter({f"/ok/{name}": 1})
 
 
-def test_bad_file_torchvision_left_in_the_cache_is_caught_before_loading(runner, app, impostor, checkpoint_dir, sample_images):
+def test_bad_file_torchvision_left_in_the_cache_is_caught_before_loading(
+    runner, app, impostor, checkpoint_dir, sample_images
+):
     """torch.hub can accept a truncated download; a file without resnetcli's record is hashed in full before use."""
     from torchvision.models import ResNet18_Weights
 
     file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
     checkpoint_dir.mkdir(parents=True)
     (checkpoint_dir / file_name).write_bytes(impostor.data)
-    result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", "IMAGENET1K_V1", "--offline")
+    result = run_cli(
+        runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", "IMAGENET1K_V1", "--offline"
+    )
     assert result.exit_code == 3
     assert result.stderr == (
         f"resnet: error: {checkpoint_dir / file_name}: cached file is corrupt (sha256 {impostor.sha256[:12]}..., expected {hub_prefix(file_name)}...); "
@@ -519,13 +586,20 @@ def test_verify_hashes_every_file_in_full(runner, app, server, tiny, impostor, c
     result = run_cli(runner, app, "cache", "verify", "--format", "jsonl")
     assert result.exit_code == 3
     records = {r["file"]: r for r in jsonl(result.stdout)}
-    assert {f: r["status"] for f, r in records.items()} == {tiny.name: "ok", impostor_name: "corrupt", "notes.pth": "unverifiable"}
+    assert {f: r["status"] for f, r in records.items()} == {
+        tiny.name: "ok",
+        impostor_name: "corrupt",
+        "notes.pth": "unverifiable",
+    }
     assert records[tiny.name]["sha256"] == tiny.sha256
-    assert result.stderr.splitlines() == [  # one line per file that is not ok, in file-name order
-        f"resnet: warning: {checkpoint_dir / 'notes.pth'}: cannot be verified (no recorded sha256 and none in the file name)",
-        f"resnet: error: {checkpoint_dir / impostor_name}: corrupt (sha256 {impostor.sha256[:12]}..., the file name says {hub_prefix(impostor_name)}); "
-        f"remove it with `resnet cache rm {impostor_name}` and fetch it again",
-    ]
+    assert (
+        result.stderr.splitlines()
+        == [  # one line per file that is not ok, in file-name order
+            f"resnet: warning: {checkpoint_dir / 'notes.pth'}: cannot be verified (no recorded sha256 and none in the file name)",
+            f"resnet: error: {checkpoint_dir / impostor_name}: corrupt (sha256 {impostor.sha256[:12]}..., the file name says {hub_prefix(impostor_name)}); "
+            f"remove it with `resnet cache rm {impostor_name}` and fetch it again",
+        ]
+    )
 
     # Altered with its size and modification time kept: only a full hash sees it.
     cached = checkpoint_dir / tiny.name
@@ -537,7 +611,9 @@ def test_verify_hashes_every_file_in_full(runner, app, server, tiny, impostor, c
     result = run_cli(runner, app, "cache", "verify", tiny.name, "--format", "json")
     assert result.exit_code == 3
     assert [r["status"] for r in json.loads(result.stdout)] == ["corrupt"]
-    assert result.stderr.startswith(f"resnet: error: {cached}: corrupt (sha256 {sha256_file(cached)[:12]}..., {tiny.sha256[:12]}... recorded)")
+    assert result.stderr.startswith(
+        f"resnet: error: {cached}: corrupt (sha256 {sha256_file(cached)[:12]}..., {tiny.sha256[:12]}... recorded)"
+    )
 
     cached.write_bytes(tiny.data)
     clean = run_cli(runner, app, "cache", "verify", tiny.name, "--format", "csv")
@@ -561,7 +637,10 @@ def test_cache_list_names_the_weights_each_file_belongs_to(runner, app, server, 
     name = server.add(tiny)
     url = server.file_url("ok", name)
     assert run_cli(runner, app, "fetch", "--url", url).exit_code == 0
-    files = {w.url.rsplit("/", 1)[1]: f"{arch}:{w.name}" for arch, w in (("resnet18", ResNet18_Weights.IMAGENET1K_V1), ("resnet50", ResNet50_Weights.IMAGENET1K_V2))}
+    files = {
+        w.url.rsplit("/", 1)[1]: f"{arch}:{w.name}"
+        for arch, w in (("resnet18", ResNet18_Weights.IMAGENET1K_V1), ("resnet50", ResNet50_Weights.IMAGENET1K_V2))
+    }
     for file_name in files:
         (checkpoint_dir / file_name).write_bytes(b"as torchvision would have left it")
 
@@ -569,7 +648,12 @@ def test_cache_list_names_the_weights_each_file_belongs_to(runner, app, server, 
     assert result.exit_code == 0, result.stderr
     listed = {r["file"]: r for r in jsonl(result.stdout)}
     assert listed[tiny.name] == {
-        "file": tiny.name, "size": len(tiny.data), "weights": [], "sha256": tiny.sha256, "source": url, "path": str(checkpoint_dir / tiny.name),
+        "file": tiny.name,
+        "size": len(tiny.data),
+        "weights": [],
+        "sha256": tiny.sha256,
+        "source": url,
+        "path": str(checkpoint_dir / tiny.name),
     }
     for file_name, owner in files.items():
         assert listed[file_name]["weights"] == [owner]
@@ -582,11 +666,15 @@ def test_cache_list_names_the_weights_each_file_belongs_to(runner, app, server, 
 def test_cache_rm_removes_files_records_and_abandoned_partials(runner, app, server, tiny, impostor, checkpoint_dir):
     for weight_file in (tiny, impostor):
         assert run_cli(runner, app, "fetch", "--url", server.file_url("ok", server.add(weight_file))).exit_code == 0
-    assert cache_contents(checkpoint_dir) == sorted([f".resnetcli/{impostor.name}.json", f".resnetcli/{tiny.name}.json", impostor.name, tiny.name])
+    assert cache_contents(checkpoint_dir) == sorted(
+        [f".resnetcli/{impostor.name}.json", f".resnetcli/{tiny.name}.json", impostor.name, tiny.name]
+    )
 
     result = run_cli(runner, app, "cache", "rm", tiny.name, "../hub", "nothing.pth", "--format", "jsonl")
     assert result.exit_code == 1
-    assert jsonl(result.stdout) == [{"file": tiny.name, "size": len(tiny.data), "status": "removed", "path": str(checkpoint_dir / tiny.name)}]
+    assert jsonl(result.stdout) == [
+        {"file": tiny.name, "size": len(tiny.data), "status": "removed", "path": str(checkpoint_dir / tiny.name)}
+    ]
     assert result.stderr.splitlines() == [
         "resnet: error: ../hub: not a weight file name (give a name that `resnet cache list` shows)",
         f"resnet: error: nothing.pth: not in the weight cache {checkpoint_dir}",
@@ -614,7 +702,10 @@ def test_cache_folder_that_cannot_be_created_is_named(runner, app, server, tiny,
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", server.add(tiny)))
     assert result.exit_code == 3
-    assert result.stderr == f"resnet: error: cannot create the weight cache folder {torch_home / 'hub' / 'checkpoints'}: Not a directory\n"
+    assert (
+        result.stderr
+        == f"resnet: error: cannot create the weight cache folder {torch_home / 'hub' / 'checkpoints'}: Not a directory\n"
+    )
     assert server.gets == Counter()
 
 
@@ -639,11 +730,19 @@ def test_write_failure_mid_download_names_the_folder_and_leaves_nothing(server, 
 
     url = server.file_url("ok", server.add(tiny))
     done = subprocess.run(
-        [sys.executable, "-m", "resnetcli", "fetch", "--url", url, "--format", "jsonl"], cwd=REPO, capture_output=True, text=True,
-        env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent)), preexec_fn=limit_file_size, timeout=60,
+        [sys.executable, "-m", "resnetcli", "fetch", "--url", url, "--format", "jsonl"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent)),
+        preexec_fn=limit_file_size,
+        timeout=60,
     )
     assert done.returncode == 3
-    assert done.stderr.splitlines()[-1] == f"resnet: error: cannot write to the weight cache folder {checkpoint_dir}: File too large"
+    assert (
+        done.stderr.splitlines()[-1]
+        == f"resnet: error: cannot write to the weight cache folder {checkpoint_dir}: File too large"
+    )
     assert cache_contents(checkpoint_dir) == []
 
 
@@ -691,7 +790,10 @@ def test_progress_bar_on_a_terminal_stays_off_stdout(server, tiny, checkpoint_di
     server.server.slow_seconds = 1.0
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "resnetcli", "fetch", "--url", url], cwd=REPO, stdout=subprocess.PIPE, stderr=terminal,
+        [sys.executable, "-m", "resnetcli", "fetch", "--url", url],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
         env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), COLUMNS="120"),
     )
     os.close(terminal)

@@ -33,8 +33,12 @@ def on_terminal(torch_home: Path, *args: str, columns: int = 80) -> tuple[int, s
     """Run the CLI with stdout on a terminal (a pty) `columns` wide; (exit code, screen, stderr)."""
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "resnetcli", *map(str, args)], cwd=REPO, stdout=terminal, stderr=subprocess.PIPE,
-        text=True, env=env_without_resnet(TORCH_HOME=str(torch_home), COLUMNS=str(columns), TERM="dumb"),
+        [sys.executable, "-m", "resnetcli", *map(str, args)],
+        cwd=REPO,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_without_resnet(TORCH_HOME=str(torch_home), COLUMNS=str(columns), TERM="dumb"),
     )
     os.close(terminal)
     screen = bytearray()
@@ -68,7 +72,11 @@ def test_empty_cache_says_so_at_once_without_torch(checkpoint_dir, command):
         "    print(end.code, sorted(m for m in ('torch', 'torchvision') if m in sys.modules), file=sys.stderr)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), PYTHONPATH=str(REPO)),
     )
     assert done.stdout == ""

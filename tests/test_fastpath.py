@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import STEERED_CLASSES, save_hub_style
 
 TOLERANCE = 1e-3
@@ -39,8 +38,8 @@ def fast_probabilities(checkpoint: Path, arch: str, images: list[Path], plan=Non
     import torch
 
     from resnetcli import fastpath
-    from resnetcli.images import load_image
     from resnetcli.factory import load_model
+    from resnetcli.images import load_image
 
     loaded = load_model(arch, str(checkpoint))
     crop = min(loaded.transforms.crop_size)

@@ -81,7 +81,9 @@ def trained(dataset, tmp_path_factory):
     from resnetcli.cli import app
 
     out = tmp_path_factory.mktemp("run") / "out.pth"
-    result = run(app, "finetune", str(dataset), *TRAIN_ARGS, "--epochs", str(EPOCHS), "-o", str(out), "--format", "json")
+    result = run(
+        app, "finetune", str(dataset), *TRAIN_ARGS, "--epochs", str(EPOCHS), "-o", str(out), "--format", "json"
+    )
     assert result.exit_code == 0, result.stderr
     return out, json.loads(result.stdout), result.stderr
 
@@ -131,7 +133,9 @@ def test_same_seed_gives_the_same_weights_and_metrics(app, dataset, trained, tmp
 
     out, record, _ = trained
     again = tmp_path / "again.pth"
-    result = run(app, "finetune", str(dataset), *TRAIN_ARGS, "--epochs", str(EPOCHS), "-o", str(again), "--format", "json")
+    result = run(
+        app, "finetune", str(dataset), *TRAIN_ARGS, "--epochs", str(EPOCHS), "-o", str(again), "--format", "json"
+    )
     assert result.exit_code == 0, result.stderr
     strip = lambda epochs: [{k: v for k, v in e.items() if k != "seconds"} for e in epochs]  # noqa: E731
     assert strip(json.loads(result.stdout)["epochs"]) == strip(record["epochs"])
@@ -146,7 +150,18 @@ def test_ctrl_c_leaves_the_last_epoch_and_resume_matches_the_uninterrupted_run(a
     reference_path, _, _ = trained
     out = tmp_path / "interrupted.pth"
     process = subprocess.Popen(
-        [sys.executable, "-m", "resnetcli", "finetune", str(dataset), *TRAIN_ARGS, "--epochs", "100000", "-o", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "resnetcli",
+            "finetune",
+            str(dataset),
+            *TRAIN_ARGS,
+            "--epochs",
+            "100000",
+            "-o",
+            str(out),
+        ],
         cwd=REPO,
         env=env_without_resnet(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads())),
         stdout=subprocess.PIPE,
@@ -170,7 +185,9 @@ def test_ctrl_c_leaves_the_last_epoch_and_resume_matches_the_uninterrupted_run(a
     done = load(out)["epoch"]
     assert 1 <= done < EPOCHS
 
-    result = run(app, "finetune", str(dataset), *TRAIN_ARGS, "--epochs", str(EPOCHS), "-o", str(out), "--resume", str(out))
+    result = run(
+        app, "finetune", str(dataset), *TRAIN_ARGS, "--epochs", str(EPOCHS), "-o", str(out), "--resume", str(out)
+    )
     assert result.exit_code == 0, result.stderr
     resumed, reference = load(out), load(reference_path)
     assert resumed["epoch"] == EPOCHS
@@ -187,7 +204,9 @@ def test_bad_images_are_reported_once_and_skipped(app, tiny_dataset, tmp_path):
     (data / "val" / "coffee" / "cut.jpg").write_bytes(truncated[: len(truncated) // 3])
     out = tmp_path / "out.pth"
     # --augment forces full passes: every epoch reads the images again, the broken ones are still reported once.
-    result = run(app, "finetune", str(data), *TRAIN_ARGS, "--augment", "--epochs", "2", "-o", str(out), "--format", "json")
+    result = run(
+        app, "finetune", str(data), *TRAIN_ARGS, "--augment", "--epochs", "2", "-o", str(out), "--format", "json"
+    )
     assert result.exit_code == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["cached_features"] is False
@@ -198,7 +217,9 @@ def test_bad_images_are_reported_once_and_skipped(app, tiny_dataset, tmp_path):
     assert len([line for line in lines if "cut.jpg" in line]) == 1
     assert "Traceback" not in result.stderr
 
-    strict = run(app, "finetune", str(data), *TRAIN_ARGS, "--strict", "--epochs", "1", "-o", str(tmp_path / "strict.pth"))
+    strict = run(
+        app, "finetune", str(data), *TRAIN_ARGS, "--strict", "--epochs", "1", "-o", str(tmp_path / "strict.pth")
+    )
     assert strict.exit_code == 1
     assert "broken.jpg" in strict.stderr and "Traceback" not in strict.stderr
     assert not (tmp_path / "strict.pth").exists()
@@ -209,13 +230,30 @@ def test_last_stage_trains_layer4_and_the_head_only(app, tiny_dataset, tmp_path)
     from torchvision import models
 
     out = tmp_path / "last.pth"
-    result = run(app, "finetune", str(tiny_dataset), *TRAIN_ARGS, "--train", "last-stage", "--epochs", "1", "-o", str(out), "--format", "json")
+    result = run(
+        app,
+        "finetune",
+        str(tiny_dataset),
+        *TRAIN_ARGS,
+        "--train",
+        "last-stage",
+        "--epochs",
+        "1",
+        "-o",
+        str(out),
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["cached_features"] is False
     state = load(out)["state_dict"]
     torch.manual_seed(0)
     fresh = models.resnet18(weights=None).state_dict()
-    changed = {key.split(".")[0] for key in state if key in fresh and state[key].shape == fresh[key].shape and not torch.equal(state[key], fresh[key])}
+    changed = {
+        key.split(".")[0]
+        for key in state
+        if key in fresh and state[key].shape == fresh[key].shape and not torch.equal(state[key], fresh[key])
+    }
     assert changed == {"layer4"}  # fc has another shape; everything in front of layer4 is frozen
     assert load(out)["train"] == "last-stage"
 
@@ -262,7 +300,9 @@ def test_eval_document_and_rows_agree(app, dataset, trained):
 def test_eval_matches_predict_per_image(app, dataset, trained):
     out, _, _ = trained
     files = sorted(str(p) for p in (dataset / "val").rglob("*.jpg"))
-    predicted = run(app, "predict", *files, "--weights", str(out), "--arch", "resnet18", "--top", "1", "--format", "jsonl")
+    predicted = run(
+        app, "predict", *files, "--weights", str(out), "--arch", "resnet18", "--top", "1", "--format", "jsonl"
+    )
     assert predicted.exit_code == 0, predicted.stderr
     predict_index = {r["input"]: r["top"][0]["index"] for r in map(json.loads, predicted.stdout.splitlines())}
     result = run(app, "eval", str(dataset), "-w", str(out), "--format", "jsonl")
@@ -377,7 +417,19 @@ def test_plot_without_matplotlib_is_one_clear_line(dataset, tmp_path):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
     done = subprocess.run(
-        [sys.executable, "-m", "resnetcli", "eval", str(dataset), "-w", "none", "-a", "resnet18", "--plot", str(tmp_path / "c.png")],
+        [
+            sys.executable,
+            "-m",
+            "resnetcli",
+            "eval",
+            str(dataset),
+            "-w",
+            "none",
+            "-a",
+            "resnet18",
+            "--plot",
+            str(tmp_path / "c.png"),
+        ],
         cwd=REPO,
         env=env_without_resnet(PYTHONPATH=os.pathsep.join([str(blocker.parent), str(REPO)])),
         capture_output=True,

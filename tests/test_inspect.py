@@ -17,9 +17,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from torchvision import models
-
 from conftest import REPO, env_without_resnet
+from torchvision import models
 
 ARCHITECTURES = models.list_models(module=models)
 RESNET_FAMILY = [a for a in ARCHITECTURES if a.startswith(("resnet", "resnext", "wide_resnet"))]
@@ -87,7 +86,11 @@ def test_summary_and_features_every_architecture(runner, app, arch):
     assert document["input_size"] == [1, 3, size, size]
     assert document["weights"] == default.name
     assert document["totals"]["total_params"] == default.meta["num_params"]
-    assert document["layers"][0] == {"layer": arch, "output_shape": [1, len(default.meta["categories"])], "params": default.meta["num_params"]}
+    assert document["layers"][0] == {
+        "layer": arch,
+        "output_shape": [1, len(default.meta["categories"])],
+        "params": default.meta["num_params"],
+    }
     parameters = [p for p in document["parameters"] if p["kind"] == "parameter"]
     assert sum(math.prod(p["shape"]) for p in parameters) == default.meta["num_params"]
 
@@ -180,7 +183,11 @@ def test_inception_odd_sizes_give_power_of_two_strides(runner, app):
     maps = run_json(runner, app, "features", "inception_v3")
     # The stages timm's feature_info names for inception_v3, at 299 pixels (147, 71, 35, 17, 8).
     assert [(m["node"], m["shape"][2], m["stride"]) for m in maps] == [
-        ("Conv2d_2b_3x3", 147, 2), ("Conv2d_4a_3x3", 71, 4), ("Mixed_5d", 35, 8), ("Mixed_6e", 17, 16), ("Mixed_7c", 8, 32),
+        ("Conv2d_2b_3x3", 147, 2),
+        ("Conv2d_4a_3x3", 71, 4),
+        ("Mixed_5d", 35, 8),
+        ("Mixed_6e", 17, 16),
+        ("Mixed_7c", 8, 32),
     ]
 
 
@@ -238,7 +245,18 @@ def test_features_save_runs_the_image_with_its_weights(runner, app, steered_resn
 
     target = tmp_path / f"features{suffix}"
     result = run_cli(
-        runner, app, "features", "resnet18", "--weights", steered_resnet18.path, "--image", sample_images[0], "--save", target, "--format", "json"
+        runner,
+        app,
+        "features",
+        "resnet18",
+        "--weights",
+        steered_resnet18.path,
+        "--image",
+        sample_images[0],
+        "--save",
+        target,
+        "--format",
+        "json",
     )
     assert result.exit_code == 0, result.stderr
     maps = json.loads(result.stdout)
@@ -266,7 +284,18 @@ def test_features_save_needs_weights_it_can_get(runner, app, sample_images, tmp_
 def test_features_save_bad_image_fails_before_any_download(runner, app, tmp_path, checkpoint_dir):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("text, not a JPEG")
-    result = run_cli(runner, app, "features", "resnet18", "--image", not_an_image, "--save", tmp_path / "f.npz", "--mirror", "http://127.0.0.1:9")
+    result = run_cli(
+        runner,
+        app,
+        "features",
+        "resnet18",
+        "--image",
+        not_an_image,
+        "--save",
+        tmp_path / "f.npz",
+        "--mirror",
+        "http://127.0.0.1:9",
+    )
     assert result.exit_code == 1
     assert one_line_error(result) == f"resnet: error: {not_an_image}: not an image (unrecognised format)"
     assert not checkpoint_dir.exists() or not any(checkpoint_dir.iterdir())
@@ -292,13 +321,28 @@ def test_features_save_usage_errors(runner, app, args, message):
 
 def test_summary_sizes_batch_columns_and_depth(runner, app):
     document = run_json(
-        runner, app, "summary", "resnet50", "--depth", "1", "--input-size", "512,384", "--batch", "8",
-        "--columns", "layer,output_shape,kernel_size,mult_adds",
+        runner,
+        app,
+        "summary",
+        "resnet50",
+        "--depth",
+        "1",
+        "--input-size",
+        "512,384",
+        "--batch",
+        "8",
+        "--columns",
+        "layer,output_shape,kernel_size,mult_adds",
     )
     assert document["input_size"] == [8, 3, 512, 384]
     layers = {row["layer"]: row for row in document["layers"]}
     assert set(document["layers"][0]) == {"layer", "output_shape", "kernel_size", "mult_adds"}
-    assert layers["conv1"] == {"layer": "conv1", "output_shape": [8, 64, 256, 192], "kernel_size": [7, 7], "mult_adds": 64 * 3 * 7 * 7 * 256 * 192 * 8}
+    assert layers["conv1"] == {
+        "layer": "conv1",
+        "output_shape": [8, 64, 256, 192],
+        "kernel_size": [7, 7],
+        "mult_adds": 64 * 3 * 7 * 7 * 256 * 192 * 8,
+    }
     assert layers["layer4"]["output_shape"] == [8, 2048, 16, 12]
     assert "layer1.0" not in layers  # depth 1
     assert document["layers"][0]["mult_adds"] == document["totals"]["mult_adds"]
@@ -326,8 +370,13 @@ def test_summary_checkpoint_shows_its_own_head(runner, app, tmp_path):
     assert document["layers"][0]["output_shape"] == [1, 3]
     assert document["totals"]["total_params"] == sum(t.numel() for t in models.resnet18(num_classes=3).parameters())
 
-    tsv = run_cli(runner, app, "summary", "resnet18", "--weights", checkpoint, "--params", "--filter", "fc.w", "--format", "tsv")
-    assert tsv.stdout.splitlines() == ["name\tshape\tdtype\tkind\ttrainable", "fc.weight\t[3, 512]\tfloat32\tparameter\ttrue"]
+    tsv = run_cli(
+        runner, app, "summary", "resnet18", "--weights", checkpoint, "--params", "--filter", "fc.w", "--format", "tsv"
+    )
+    assert tsv.stdout.splitlines() == [
+        "name\tshape\tdtype\tkind\ttrainable",
+        "fc.weight\t[3, 512]\tfloat32\tparameter\ttrue",
+    ]
 
     wrong = run_cli(runner, app, "summary", "resnet50", "--weights", checkpoint)
     assert wrong.exit_code == 3
@@ -339,7 +388,9 @@ def test_summary_checkpoint_of_an_architecture_that_computes_its_widths(runner, 
 
     checkpoint = tmp_path / "regnet.pth"
     torch.save(models.regnet_y_400mf(num_classes=5).state_dict(), checkpoint)
-    document = run_json(runner, app, "summary", "regnet_y_400mf", "--weights", checkpoint, "--params", "--filter", "fc.")
+    document = run_json(
+        runner, app, "summary", "regnet_y_400mf", "--weights", checkpoint, "--params", "--filter", "fc."
+    )
     assert [(p["name"], p["shape"]) for p in document["parameters"]] == [("fc.weight", [5, 440]), ("fc.bias", [5])]
 
 
@@ -379,14 +430,20 @@ def test_features_input_too_small(runner, app):
 def test_list_reads_torchvision_metadata(runner, app, checkpoint_dir):
     rows = run_json(runner, app, "list", "resnet*")
     expected = {
-        (arch, w.name): w for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152") for w in models.get_model_weights(arch)
+        (arch, w.name): w
+        for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+        for w in models.get_model_weights(arch)
     }
     assert {(r["arch"], r["weights"]) for r in rows} == set(expected)
     for row in rows:
         weights = expected[(row["arch"], row["weights"])]
         metrics = weights.meta["_metrics"]["ImageNet-1K"]
         assert (row["acc@1"], row["acc@5"]) == (metrics["acc@1"], metrics["acc@5"])
-        assert (row["params"], row["gflops"], row["file_mb"]) == (weights.meta["num_params"], weights.meta["_ops"], weights.meta["_file_size"])
+        assert (row["params"], row["gflops"], row["file_mb"]) == (
+            weights.meta["num_params"],
+            weights.meta["_ops"],
+            weights.meta["_file_size"],
+        )
         assert row["default"] == (weights is models.get_model_weights(row["arch"]).DEFAULT)
         assert row["cached"] is False
     assert [(r["arch"], r["weights"]) for r in rows] == sorted((r["arch"], r["weights"]) for r in rows)
@@ -407,7 +464,17 @@ def test_list_sort_and_formats(runner, app):
     assert [r["params"] for r in by_size] == sorted(r["params"] for r in by_size)
     assert len(by_size) == sum(len(models.get_model_weights(a)) for a in ARCHITECTURES)
     tsv = run_cli(runner, app, "list", "vgg11", "--format", "tsv")
-    assert tsv.stdout.splitlines()[0].split("\t") == ["arch", "weights", "default", "acc@1", "acc@5", "params", "gflops", "file_mb", "cached"]
+    assert tsv.stdout.splitlines()[0].split("\t") == [
+        "arch",
+        "weights",
+        "default",
+        "acc@1",
+        "acc@5",
+        "params",
+        "gflops",
+        "file_mb",
+        "cached",
+    ]
     accuracy = models.VGG11_Weights.IMAGENET1K_V1.meta["_metrics"]["ImageNet-1K"]["acc@1"]
     assert tsv.stdout.splitlines()[1].split("\t")[:4] == ["vgg11", "IMAGENET1K_V1", "true", str(accuracy)]
 
@@ -437,8 +504,12 @@ COMPLETE = (
 def complete(words: str, cache: Path) -> tuple[list[str], str]:
     """Ask the program for bash completions of `words` (the cursor at its end), as the shell would."""
     current = len(words.split()) - (0 if words.endswith(" ") else 1)
-    env = env_without_resnet(_RESNET_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(current), XDG_CACHE_HOME=str(cache))
-    done = subprocess.run([sys.executable, "-c", COMPLETE], capture_output=True, text=True, cwd=REPO, env=env, check=True, timeout=120)
+    env = env_without_resnet(
+        _RESNET_COMPLETE="complete_bash", COMP_WORDS=words, COMP_CWORD=str(current), XDG_CACHE_HOME=str(cache)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", COMPLETE], capture_output=True, text=True, cwd=REPO, env=env, check=True, timeout=120
+    )
     return done.stdout.split(), done.stderr.strip().splitlines()[-1]
 
 
@@ -459,7 +530,10 @@ def test_completion_of_weights_commands_and_options(isolated_names_cache):
     from resnetcli import names
 
     names.save({a: [w.name for w in models.get_model_weights(a)] for a in ARCHITECTURES})
-    assert complete("resnet predict --arch resnet50 --weights IMAGENET1K_", isolated_names_cache) == (["IMAGENET1K_V1", "IMAGENET1K_V2"], "torch not imported")
+    assert complete("resnet predict --arch resnet50 --weights IMAGENET1K_", isolated_names_cache) == (
+        ["IMAGENET1K_V1", "IMAGENET1K_V2"],
+        "torch not imported",
+    )
     summary_weights, _ = complete("resnet summary vit_b_16 --weights ", isolated_names_cache)
     assert summary_weights == [w.name for w in models.ViT_B_16_Weights] + ["DEFAULT", "none"]
     specs, _ = complete("resnet fetch resnet18:", isolated_names_cache)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, STEERED_CLASSES, env_without_resnet, penultimate_features, steer_head
 
 #: The class the cat photo lands on when its pixels are turned 90 degrees (stored sideways).

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, env_without_resnet
 
 
@@ -345,7 +344,7 @@ def test_an_endless_image_body_is_cut_at_the_cap(runner, app, model_args):
     from resnetcli import images
 
     class Endless(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the base class's name
+        def do_GET(self):
             self.send_response(200)
             self.end_headers()
             chunk = b"\0" * (1 << 20)
@@ -486,7 +485,9 @@ def test_csv_on_a_terminal_escapes_control_characters(tmp_path, sample_images, m
         cwd=REPO,
         timeout=120,
     )
-    assert f"{name},resnet18,{model_args[3]},1,281,tabby," in piped.stdout  # off a terminal the CSV keeps the name as it is
+    assert (
+        f"{name},resnet18,{model_args[3]},1,281,tabby," in piped.stdout
+    )  # off a terminal the CSV keeps the name as it is
 
 
 def test_two_runs_writing_the_same_output_leave_one_whole_result(tmp_path, sample_images, model_args):
@@ -494,11 +495,15 @@ def test_two_runs_writing_the_same_output_leave_one_whole_result(tmp_path, sampl
     env = subprocess_env(tmp_path)
     runs = {
         3: subprocess.Popen(command(*sample_images[:3], *model_args, "--top", "1", "-o", output), env=env, cwd=REPO),
-        5: subprocess.Popen(command(*sample_images, sample_images[0], *model_args, "--top", "1", "-o", output), env=env, cwd=REPO),
+        5: subprocess.Popen(
+            command(*sample_images, sample_images[0], *model_args, "--top", "1", "-o", output), env=env, cwd=REPO
+        ),
     }
     assert [process.wait(timeout=180) for process in runs.values()] == [0, 0]
     records = jsonl(output.read_text())  # every line whole
     assert len(records) in runs
-    expected = [str(p) for p in sample_images[:3]] if len(records) == 3 else [*map(str, sample_images), str(sample_images[0])]
+    expected = (
+        [str(p) for p in sample_images[:3]] if len(records) == 3 else [*map(str, sample_images), str(sample_images[0])]
+    )
     assert [r["input"] for r in records] == expected
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "torch_home") == ["shared.jsonl"]

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, env_without_resnet
 
 
@@ -107,10 +106,10 @@ def test_the_pipeline_runs_a_classifier_of_another_runtime_without_torch(tmp_pat
 
 
 def test_closing_the_results_stops_the_feeder_and_the_decoders_with_stdin_still_open(steered_resnet18, sample_images):
+    from resnetcli.factory import load_model
     from resnetcli.inference import torch_classifier
     from resnetcli.inputs import expand_inputs
     from resnetcli.predict import predict
-    from resnetcli.factory import load_model
 
     classifier = torch_classifier(load_model("resnet18", str(steered_resnet18.path)))
     read_end, write_end = os.pipe()
@@ -162,10 +161,10 @@ def test_in_flight_inputs_never_exceed_batch_size_plus_twice_the_workers(tmp_pat
 def test_the_model_side_is_settled_before_the_pipeline_and_never_changed(steered_resnet18, sample_images):
     import torch
 
+    from resnetcli.factory import load_model
     from resnetcli.fastpath import plan_for
     from resnetcli.inference import choose_transforms, torch_classifier
     from resnetcli.predict import predict
-    from resnetcli.factory import load_model
 
     loaded = load_model("resnet18", str(steered_resnet18.path))
     transforms_before = loaded.transforms

@@ -27,9 +27,9 @@ class _Handler(BaseHTTPRequestHandler):
     """/ok/NAME serves a file with its length; /endless/ANYTHING sends zeros with no length, until the
     client goes away or ENDLESS_BOUND; anything else is a 404. Authorization headers are kept."""
 
-    server: "_Server"
+    server: _Server
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+    def log_message(self, format, *args):
         pass
 
     def do_GET(self):
@@ -99,8 +99,12 @@ def serve(web, weight_file: WeightFile) -> str:
 
 def cli_process(torch_home: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "resnetcli", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-        env=env_without_resnet(TORCH_HOME=str(torch_home), **env), timeout=timeout,
+        [sys.executable, "-m", "resnetcli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env_without_resnet(TORCH_HOME=str(torch_home), **env),
+        timeout=timeout,
     )
 
 
@@ -281,7 +285,10 @@ def test_verify_reports_stale_partials_and_rm_partials_removes_them(runner, app,
     result = run_cli(runner, app, "cache", "verify", "--format", "jsonl")
     assert result.exit_code == 0, result.stderr
     assert jsonl(result.stdout)[-1] == {
-        "file": stale.name, "size": len(b"half a file"), "sha256": None, "status": "stale partial",
+        "file": stale.name,
+        "size": len(b"half a file"),
+        "sha256": None,
+        "status": "stale partial",
         "problem": "left by an interrupted download of resnet18-f37072fd.pth; "
         "remove it with `resnet cache rm --partials`",
         "path": str(stale),
@@ -367,8 +374,12 @@ def test_record_that_is_a_fifo_is_corrupt_and_never_read(cached_tiny, checkpoint
 
 @pytest.mark.parametrize(
     ("text", "problem"),
-    [("[" * 3000, "it is nested too deeply"), ("[" * 100_000, "it is larger than 4096 bytes"),
-     ('{"sha256": 1}', "it lacks a sha256 and a size"), ("{", "it is not valid JSON")],
+    [
+        ("[" * 3000, "it is nested too deeply"),
+        ("[" * 100_000, "it is larger than 4096 bytes"),
+        ('{"sha256": 1}', "it lacks a sha256 and a size"),
+        ("{", "it is not valid JSON"),
+    ],
 )
 def test_hostile_record_is_corrupt_everywhere_and_repaired_from_the_file_name(
     runner, app, web, tiny, cached_tiny, checkpoint_dir, text, problem

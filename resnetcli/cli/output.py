@@ -153,7 +153,7 @@ class RecordWriter:
                 self.console,
             )
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:

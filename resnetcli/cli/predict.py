@@ -24,7 +24,13 @@ from resnetcli.cli.app import (
 )
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
 from resnetcli.cli.predict_ray import (  # --engine ray
-    ActorsOption, AddressOption, CpusPerActorOption, Engine, EngineOption, GpusPerActorOption, OutputDirOption,
+    ActorsOption,
+    AddressOption,
+    CpusPerActorOption,
+    Engine,
+    EngineOption,
+    GpusPerActorOption,
+    OutputDirOption,
 )  # fmt: skip
 from resnetcli.errors import ExitStatus
 from resnetcli.urls import is_url
@@ -118,7 +124,7 @@ class ProgressReport:
     def _rate(self) -> str:
         return f"{self.done / max(time.monotonic() - self.started, 1e-9):.1f}"
 
-    def __enter__(self) -> "ProgressReport":
+    def __enter__(self) -> ProgressReport:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -286,11 +292,11 @@ def predict(
 
     from resnetcli.cli.outfile import RecordsOutput
     from resnetcli.cli.predict_table import print_predictions
+    from resnetcli.factory import load_model
     from resnetcli.fastpath import configure_threads
     from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
-    from resnetcli.factory import load_model
 
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)

@@ -29,17 +29,29 @@ DataArgument = Annotated[
 ]
 WeightsOption = Annotated[
     str,
-    typer.Option("--weights", "-w", help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL."),
+    typer.Option(
+        "--weights",
+        "-w",
+        help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL.",
+    ),
 ]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
 WorkersOption = Annotated[
-    Optional[int], typer.Option("--workers", "-j", min=1, help="Threads decoding images (default: one per core, at most 8).")
+    Optional[int],
+    typer.Option("--workers", "-j", min=1, help="Threads decoding images (default: one per core, at most 8)."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-StrictOption = Annotated[bool, typer.Option("--strict", help="Stop at the first image that cannot be read (exit code 1).")]
+StrictOption = Annotated[
+    bool, typer.Option("--strict", help="Stop at the first image that cannot be read (exit code 1).")
+]
 RunFormatOption = Annotated[
     Optional[OutputFormat],
-    typer.Option("--format", "-f", case_sensitive=False, help="Also write the run to stdout: json (one record), jsonl, or csv/tsv (one row per epoch)."),
+    typer.Option(
+        "--format",
+        "-f",
+        case_sensitive=False,
+        help="Also write the run to stdout: json (one record), jsonl, or csv/tsv (one row per epoch).",
+    ),
 ]
 EvalFormatOption = Annotated[
     Optional[OutputFormat],
@@ -108,25 +120,52 @@ def _progress() -> Iterator[EpochProgress]:
 @app.command()
 def finetune(
     data: DataArgument,
-    output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="The checkpoint to write (rewritten after every epoch).")],
-    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture (`resnet list`); default resnet50, or the --resume checkpoint's.")] = None,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", dir_okay=False, help="The checkpoint to write (rewritten after every epoch)."),
+    ],
+    arch: Annotated[
+        Optional[str],
+        typer.Option(
+            "--arch", "-a", help="Architecture (`resnet list`); default resnet50, or the --resume checkpoint's."
+        ),
+    ] = None,
     weights: WeightsOption = "DEFAULT",
     train: Annotated[
         Optional[TrainMode],
-        typer.Option("--train", case_sensitive=False, help="head: only the new head (backbone frozen; default); last-stage: also the last stage; all: everything."),
+        typer.Option(
+            "--train",
+            case_sensitive=False,
+            help="head: only the new head (backbone frozen; default); last-stage: also the last stage; all: everything.",
+        ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs in all (with --resume: including those done).")] = 10,
+    epochs: Annotated[
+        int, typer.Option("--epochs", "-e", min=1, help="Epochs in all (with --resume: including those done).")
+    ] = 10,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam's learning rate.")] = 1e-3,
     batch_size: BatchOption = 32,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the head's init, the shuffling, the split and augmentation.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the head's init, the shuffling, the split and augmentation.")
+    ] = 0,
     val_split: Annotated[
-        float, typer.Option("--val-split", min=0.0, max=0.9, help="Share of each class kept for validation when DATA has no train/ and val/.")
+        float,
+        typer.Option(
+            "--val-split",
+            min=0.0,
+            max=0.9,
+            help="Share of each class kept for validation when DATA has no train/ and val/.",
+        ),
     ] = 0.2,
-    augment: Annotated[bool, typer.Option("--augment", help="Random crops and flips (forces a full forward pass every epoch).")] = False,
+    augment: Annotated[
+        bool, typer.Option("--augment", help="Random crops and flips (forces a full forward pass every epoch).")
+    ] = False,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", exists=True, dir_okay=False, help="Continue the run saved in this checkpoint (usually OUT.pth).")
+        Optional[Path],
+        typer.Option(
+            "--resume", exists=True, dir_okay=False, help="Continue the run saved in this checkpoint (usually OUT.pth)."
+        ),
     ] = None,
     strict: StrictOption = False,
     output_format: RunFormatOption = None,
@@ -167,14 +206,31 @@ def finetune(
         say(f"error: {message} (skipped)")
 
     with download_progress() as on_progress:
-        trainer = Trainer(config, split, output, resume=resume, settings=cache_settings(offline, mirror), on_progress=on_progress, on_skip=on_skip)
-    if resume is not None and (arch and arch != trainer.arch or train is not None and train.value != trainer.config.train.value):
+        trainer = Trainer(
+            config,
+            split,
+            output,
+            resume=resume,
+            settings=cache_settings(offline, mirror),
+            on_progress=on_progress,
+            on_skip=on_skip,
+        )
+    if resume is not None and (
+        arch and arch != trainer.arch or train is not None and train.value != trainer.config.train.value
+    ):
         warn(f"--resume: continuing as saved ({trainer.arch}, --train {trainer.config.train.value})")
     started = time.monotonic()
     with _progress() as progress:
         result = trainer.run(progress.epoch, progress.phase)
-    rows = [{"best epoch": result.best_epoch, "val top-1": result.best_val_accuracy, "epochs": len(result.epochs),
-             "time (s)": f"{time.monotonic() - started:.1f}", "checkpoint": result.output}]
+    rows = [
+        {
+            "best epoch": result.best_epoch,
+            "val top-1": result.best_val_accuracy,
+            "epochs": len(result.epochs),
+            "time (s)": f"{time.monotonic() - started:.1f}",
+            "checkpoint": result.output,
+        }
+    ]
     print_table(list(rows[0]), rows, f"{result.arch} fine-tuned on {len(result.classes)} classes", sys.stderr)
     if output_format is not None and output_format is not OutputFormat.table:
         import json
@@ -193,13 +249,17 @@ def finetune(
 @app.command("eval")
 def evaluate_command(
     data: DataArgument,
-    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Architecture (default resnet50, or a fine-tuned checkpoint's).")] = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", "-a", help="Architecture (default resnet50, or a fine-tuned checkpoint's)."),
+    ] = None,
     weights: WeightsOption = "DEFAULT",
     batch_size: BatchOption = 16,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
     plot: Annotated[
-        Optional[Path], typer.Option("--plot", dir_okay=False, help="Draw the confusion matrix into this PNG (needs resnetcli[plot]).")
+        Optional[Path],
+        typer.Option("--plot", dir_okay=False, help="Draw the confusion matrix into this PNG (needs resnetcli[plot])."),
     ] = None,
     strict: StrictOption = False,
     output_format: EvalFormatOption = None,
@@ -213,9 +273,9 @@ def evaluate_command(
     """
     from resnetcli.datasets import load_eval_set
     from resnetcli.evaluate import evaluate, plot_confusion
+    from resnetcli.factory import load_model
     from resnetcli.finetuned import is_finetuned_checkpoint, load_finetuned
     from resnetcli.predict import resolve_device
-    from resnetcli.factory import load_model
 
     samples = load_eval_set(data)
     chosen_device = resolve_device(device)
@@ -231,7 +291,9 @@ def evaluate_command(
             warn(f"--arch {arch} ignored: {weights_path} is a fine-tuned {loaded.arch}")
     else:
         with download_progress() as on_progress:
-            loaded = load_model(arch or "resnet50", weights, settings=cache_settings(offline, mirror), on_progress=on_progress)
+            loaded = load_model(
+                arch or "resnet50", weights, settings=cache_settings(offline, mirror), on_progress=on_progress
+            )
     for note in loaded.notes:
         warn(note)
     fmt = choose_format(output_format, sys.stdout)
@@ -242,7 +304,11 @@ def evaluate_command(
         say(f"error: {message}")
 
     # Per-image formats stream one row per image; json and table are written once the scores are known.
-    writer = RecordWriter(fmt, EVAL_COLUMNS, stream=sys.stdout) if fmt not in (OutputFormat.json, OutputFormat.table) else None
+    writer = (
+        RecordWriter(fmt, EVAL_COLUMNS, stream=sys.stdout)
+        if fmt not in (OutputFormat.json, OutputFormat.table)
+        else None
+    )
     try:
         evaluation = evaluate(
             loaded,
@@ -272,11 +338,28 @@ def evaluate_command(
 
 def _print_evaluation(evaluation) -> None:
     title = f"{evaluation.arch} ({evaluation.weights}) on {len(evaluation.results)} images"
-    print_table(["top-1", "top-5", "images"], [{"top-1": evaluation.accuracy, "top-5": evaluation.top5,
-                                                 "images": len(evaluation.results)}], title, sys.stdout)
-    print_table(["label", "precision", "recall", "f1", "support"], [m.record() for m in evaluation.per_class], "per class", sys.stdout)
+    print_table(
+        ["top-1", "top-5", "images"],
+        [{"top-1": evaluation.accuracy, "top-5": evaluation.top5, "images": len(evaluation.results)}],
+        title,
+        sys.stdout,
+    )
+    print_table(
+        ["label", "precision", "recall", "f1", "support"],
+        [m.record() for m in evaluation.per_class],
+        "per class",
+        sys.stdout,
+    )
     columns = ["true \\ predicted", *evaluation.classes]
-    rows = [{columns[0]: name, **dict(zip(evaluation.classes, row))} for name, row in zip(evaluation.classes, evaluation.confusion_matrix)]
+    rows = [
+        {columns[0]: name, **dict(zip(evaluation.classes, row))}
+        for name, row in zip(evaluation.classes, evaluation.confusion_matrix)
+    ]
     print_table(columns, rows, "confusion matrix", sys.stdout)
     if evaluation.errors:
-        print_table(["input", "label", "predicted", "prob"], [e.record() for e in evaluation.errors], "misclassified", sys.stdout)
+        print_table(
+            ["input", "label", "predicted", "prob"],
+            [e.record() for e in evaluation.errors],
+            "misclassified",
+            sys.stdout,
+        )
