@@ -31,8 +31,6 @@ EXPORT_EPILOG = """Examples:
   resnet export resnet18 --weights finetuned.pt -o finetuned.onnx
 
   resnet export resnet18 --weights none --check-with photo.jpg -o random.onnx
-
-  resnet export timm:convnext_tiny --weights convnext.safetensors -o convnext.onnx
 """
 
 
