@@ -377,3 +377,34 @@ def test_finetune_a_timm_spec_then_predict_without_arch(tmp_path, app, runner, n
     assert {r["arch"] for r in records} == {f"timm:{TIMM_NAME}"}
     assert {r["top"][0]["label"] for r in records} <= set(CLASSES) and len(records[0]["top"]) == len(CLASSES)
     assert files_under(no_hub) == [] and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_spec_weights_errors_and_offline_urls(app, runner, sample_images, no_hub):
+    photo = str(sample_images[0])
+    unknown = runner.invoke(app, ["predict", photo, "--arch", "timm:resnet18x"])
+    assert unknown.exit_code == 2 and "timm has no model 'resnet18x'" in unknown.stderr and "resnet18" in unknown.stderr
+    url = "http://127.0.0.1:9/weights/resnet18-0123abcd.pth"  # hash-named, as the cache wants
+    offline = runner.invoke(app, ["predict", photo, "--arch", f"timm:{TIMM_NAME}", "--weights", url, "--offline"])
+    assert offline.exit_code == 3 and offline.stderr.count("\n") == 1, offline.stderr
+    assert "offline" in offline.stderr
+    missing = runner.invoke(app, ["predict", photo, "--arch", f"timm:{TIMM_NAME}", "--weights", "nothere.safetensors"])
+    assert missing.exit_code == 2 and "no such weights file" in missing.stderr
+    assert files_under(no_hub) == []
+
+
+def test_export_a_user_module_with_its_timm_style_preprocessing(tmp_path, app, runner, user_model):
+    import onnx
+
+    from resnetcli.onnxmeta import ModelInfo
+
+    folder, weights, labels, model = user_model
+    out = tmp_path / "tiny.onnx"
+    spec = f"{folder / 'net.py'}:TinyNet"
+    args = ["export", spec, "--weights", str(weights), "--labels", str(labels), "-o", str(out), "-f", "json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    info, problems = ModelInfo.from_metadata({p.key: p.value for p in onnx.load(str(out)).metadata_props})
+    assert problems == [] and info.arch == spec and list(info.classes) == labels.read_text().split()
+    config = model.pretrained_cfg
+    assert info.preprocessing.crop_size == (48,) and info.preprocessing.resize_size == (int(48 / config["crop_pct"]),)
+    assert info.preprocessing.mean == config["mean"] and info.preprocessing.std == config["std"]
