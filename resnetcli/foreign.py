@@ -113,7 +113,10 @@ def hub_file(spec: specs.ModelSpec) -> Path:
         from huggingface_hub import constants, try_to_load_from_cache
         from timm.models import _hub
 
-        for name in (getattr(_hub, constant) for constant in HUB_FILES):
+        names = [getattr(_hub, constant) for constant in HUB_FILES]
+        if getattr(config, "hf_hub_filename", None):  # a repository with its own file name (open_clip's)
+            names.insert(0, config.hf_hub_filename)
+        for name in names:
             found = try_to_load_from_cache(repo, name)
             if isinstance(found, str):
                 log.debug("%s: weights from the Hugging Face cache: %s", spec.text, found)
