@@ -341,10 +341,28 @@ def load_model(
     """Resolve names, get the weights (cache, download, file) and build the model: the one entry point.
 
     `arch` None means the checkpoint's own architecture (resnetcli's fine-tuned format, torchvision's
-    reference train.py), else DEFAULT_ARCH.
+    reference train.py), else DEFAULT_ARCH. A model spec (`timm:NAME`, `file.py:Name`, `pkg.mod:Name`),
+    given or named by a fine-tuned checkpoint, is built by resnetcli.foreign.
     """
+    from resnetcli import foreign
+
+    if foreign.is_spec(arch):
+        assert arch is not None
+        source = foreign.weights_source(arch, weights, _cached_checkpoint((weights or "").strip()))
+        choice = WeightsChoice(arch.strip(), source.kind, path=source.path, url=source.url)
+        checkpoint = checkpoint_for(choice, settings, on_progress, trust=trust_checkpoint)
+        return _load_spec(choice, checkpoint, labels, from_hub=weights is None or weights.upper() == DEFAULT_WEIGHTS)
     choice = resolve_weights(arch or DEFAULT_ARCH, weights)
     checkpoint = checkpoint_for(choice, settings, on_progress, trust=trust_checkpoint)
     if arch is None and checkpoint is not None and checkpoint.arch:
+        if foreign.is_spec(checkpoint.arch):  # a fine-tuned timm or user model
+            return _load_spec(replace(choice, arch=checkpoint.arch), checkpoint, labels, from_hub=False)
         choice = replace(choice, arch=resolve_architecture(checkpoint.arch))
     return build_model(choice, labels=labels, checkpoint=checkpoint)
+
+
+def _load_spec(choice: WeightsChoice, checkpoint: Checkpoint | None, labels, *, from_hub: bool) -> LoadedModel:
+    from resnetcli import foreign
+
+    built = foreign.build(choice.arch, checkpoint, labels=labels, from_hub=from_hub)
+    return LoadedModel(choice.arch, choice, built.model, built.categories, built.transforms, built.notes)

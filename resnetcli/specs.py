@@ -9,7 +9,7 @@ A spec is one of
 - a `.onnx` file (summary only; see resnetcli.onnxinfo).
 
 Nothing here imports torch at module level: parsing a spec stays cheap. `predict`, `export` and
-`finetune` can build from the same specs through `load_object` and `build`.
+`finetune` build from the same specs through resnetcli.foreign (`make_module`, weights, preprocessing).
 """
 
 from __future__ import annotations
@@ -182,6 +182,17 @@ def _check_module(spec: ModelSpec, model: Any) -> Any:
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"model spec {spec.text}: {spec.name} returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
+
+
+def make_module(spec: ModelSpec, kwargs: dict | None = None) -> Any:
+    """Build a python or timm spec on the CPU, in eval mode, as its code builds it (for predict, export, finetune)."""
+    make = _callable_for(spec, dict(kwargs or {}))
+    try:
+        return _check_module(spec, make())
+    except UsageError:
+        raise
+    except Exception as error:  # the user's constructor: its error is the message
+        raise UsageError(f"model spec {spec.text}: cannot build it: {type(error).__name__}: {error}") from error
 
 
 def build(spec: ModelSpec, kwargs: dict | None = None, probe: Callable[[Any], None] | None = None) -> Built:

@@ -39,7 +39,8 @@ def export(
     models: Annotated[
         str,
         typer.Argument(
-            help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1).",
+            help="ARCH or ARCH:WEIGHTS (resnet50, resnet18:IMAGENET1K_V1), or a model spec with --weights FILE: "
+            "timm:NAME[.TAG], file.py:Name, pkg.mod:Name (docs/models.md).",
             metavar="ARCH[:WEIGHTS]",
             show_default=False,
         ),
@@ -83,8 +84,10 @@ def export(
     from resnetcli.cli.predict import read_labels
     from resnetcli.errors import UsageError
     from resnetcli.export import export as run_export
+    from resnetcli.foreign import is_spec
 
-    arch, colon, spec_weights = models.partition(":")
+    # timm:NAME, file.py:Name and pkg.mod:Name keep their colon; their weights come from --weights.
+    arch, colon, spec_weights = (models, "", "") if is_spec(models) else models.partition(":")
     if colon and weights is not None:
         raise UsageError(f"{models}: give the weights either as ARCH:WEIGHTS or with --weights, not both")
     if output.is_dir():

@@ -169,7 +169,8 @@ def predict(
         typer.Option(
             "--arch",
             "-a",
-            help="Architecture: any torchvision classifier (`resnet list`); default: the checkpoint's own, else resnet50.",
+            help="Architecture: any torchvision classifier (`resnet list`), or a model spec: timm:NAME[.TAG], "
+            "file.py:Name, pkg.mod:Name (docs/models.md); default: the checkpoint's own, else resnet50.",
         ),
     ] = None,
     weights: Annotated[
@@ -294,10 +295,15 @@ def predict(
     from resnetcli.cli.predict_table import print_predictions
     from resnetcli.factory import load_model
     from resnetcli.fastpath import configure_threads
+    from resnetcli.foreign import is_spec
     from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
 
+    if preprocess is not None and is_spec(arch):
+        from resnetcli.errors import UsageError
+
+        raise UsageError(f"--preprocess names torchvision weights; {arch} uses timm's data config or its checkpoint's")
     shard_spec = parse_shard(shard) if shard is not None else None
     chosen_device = resolve_device(device)
     preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
