@@ -99,7 +99,11 @@ class Classifier:
                 device=device, threads=threads, settings=self.settings, trust_checkpoint=trust_checkpoint,
                 batch_size=batch_size,
             )  # fmt: skip
-        self.pool = ThreadPoolExecutor(max_workers=workers or threads or 1, thread_name_prefix="resnet-decode")
+        from resnetcli.predict import default_workers
+
+        # Decoding threads: as many as the actor's CPUs, as the local engine has one per core.
+        decoders = workers or threads or default_workers()
+        self.pool = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="resnet-decode")
         log.debug("Classifier ready: %s (%s)", self.classifier.arch, self.classifier.weights)
 
     def __call__(self, batch: Any) -> dict:
