@@ -125,6 +125,12 @@ def fetch_bytes(url: str, timeout: float) -> bytes:
     return data
 
 
+def decode_bytes(name: str, data: bytes, *, draft_short_side: int | None = None):
+    """Decode an image held in memory (`data`, e.g. read from an object store) as `load_image` decodes
+    a file: an upright RGB `PIL.Image`, or `InputError` naming the input `name`."""
+    return _decode(name, lambda: io.BytesIO(data), draft_short_side)
+
+
 def _decode(name: str, opener: Callable[[], object], draft_short_side: int | None = None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 

@@ -121,6 +121,30 @@ def top_classes(
     return ranked
 
 
+def batch_predictions(
+    classifier: Classifier, names: Sequence[str], outcomes: Sequence[Any], *, top: int = 5, threshold: float = 0.0
+) -> list[Prediction]:
+    """One Prediction per input of a batch, in order. `outcomes` holds each input's preprocessed image,
+    or the message (a str) of the error that stopped it; the images are classified together. Also
+    used by `resnetcli.ray.Classifier`, so that both engines make the same records."""
+    images = [o for o in outcomes if not isinstance(o, str)]
+    ranked = iter(
+        top_classes(classifier.classify(images), classifier.categories, top, threshold, classifier.rank)
+        if images
+        else []
+    )
+    predictions = []
+    for name, result in zip(names, outcomes):
+        if not isinstance(result, str):
+            scores = next(ranked)
+            result = scores if scores is not None else str(InputError(name, NON_FINITE))
+        if isinstance(result, str):
+            predictions.append(Prediction(name, classifier.arch, classifier.weights, error=result))
+        else:
+            predictions.append(Prediction(name, classifier.arch, classifier.weights, top=result))
+    return predictions
+
+
 def default_workers() -> int:
     """Decoder threads when `--workers` is not given: one per core, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
@@ -256,22 +280,9 @@ def predict(
             return str(error)
 
     def run(batch: list[tuple[Input, Future | None]]) -> Iterator[Prediction]:
+        names = [shown(item.source) for item, _ in batch]
         outcomes = [outcome(item, future) for item, future in batch]
-        tensors = [o for o in outcomes if not isinstance(o, str)]
-        ranked = iter(
-            top_classes(classifier.classify(tensors), classifier.categories, top, threshold, classifier.rank)
-            if tensors
-            else []
-        )
-        for (item, _), result in zip(batch, outcomes):
-            name = shown(item.source)
-            if not isinstance(result, str):
-                scores = next(ranked)
-                result = scores if scores is not None else str(InputError(name, NON_FINITE))
-            if isinstance(result, str):
-                prediction = Prediction(name, classifier.arch, classifier.weights, error=result)
-            else:
-                prediction = Prediction(name, classifier.arch, classifier.weights, top=result)
+        for prediction in batch_predictions(classifier, names, outcomes, top=top, threshold=threshold):
             yield prediction
             slots.release()
 

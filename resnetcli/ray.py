@@ -9,11 +9,13 @@
         concurrency=4, batch_size=32,
     )
 
-Each actor builds the model once, through the same factory (`factory.load_model`) and fast path
-(`fastpath.optimize_for_inference`) as `resnet predict`, and answers with the fields of a predict
-record: `input`, `arch`, `weights`, `top` (a list of {rank, index, label, prob}) and `error`, which
-is set (and the others are null) for an input that could not be read or decoded. A bad image never
-fails a block. `record(row)` turns a row back into the exact record `resnet predict` prints.
+Each actor builds its model side once, exactly as `resnet predict` does (`factory.load_model`, the
+same preprocessing choice, `inference.torch_classifier`; a `.onnx` file through `onnxrt`, without
+torch), and makes its records with predict's own `predict.batch_predictions`. A row answers with
+the fields of a predict record: `input`, `arch`, `weights`, `top` (a list of {rank, index, label,
+prob}) and `error`, which is set (and the others are null) for an input that could not be read or
+decoded. A bad image never fails a block. `record(row)` turns a row back into the exact record
+`resnet predict` prints.
 
 Needs the `resnetcli[ray]` extra (Ray Data); importing this module without it raises ImportError
 saying so.
@@ -21,12 +23,11 @@ saying so.
 
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from resnetcli.errors import InputError, ResnetError
+from resnetcli.errors import InputError
 
 #: The extra that installs what this module needs.
 EXTRA = "resnetcli[ray]"
@@ -51,17 +52,19 @@ RECORD_COLUMNS = ("input", "arch", "weights", "top", "error")
 class Classifier:
     """A callable class for `Dataset.map_batches`: top-k classes of each image in a batch.
 
-    The constructor takes the options of `resnet predict`: `arch`, `weights` (DEFAULT, a weights
-    name, `none`, a checkpoint file or URL), `top`, `threshold`, `labels` (class names for a
+    The constructor takes the options of `resnet predict`: `arch` (None: the checkpoint's own, else
+    resnet50), `weights` (DEFAULT, a weights name, `none`, a checkpoint file or URL, or a `.onnx`
+    file run by ONNX Runtime without torch), `top`, `threshold`, `labels` (class names for a
     checkpoint), `preprocess`/`input_size`/`resize`, `device` (auto uses the GPU Ray assigned to
-    the actor, if any), `threads` (torch threads; default: the CPUs Ray assigned to the actor),
-    `workers` (decoding threads), `offline`/`mirror` for the weight cache and image URLs, and
-    `batch_size`, the batches the fast path is prepared for (pass the same as map_batches').
+    the actor, if any), `threads` (model threads; default: the CPUs Ray assigned to the actor),
+    `workers` (decoding threads), `offline`/`mirror` for the weight cache and image URLs,
+    `trust_checkpoint`, and `batch_size`, the batches the fast path is prepared for (pass the same
+    as map_batches').
     """
 
     def __init__(
         self,
-        arch: str = "resnet50",
+        arch: str | None = None,
         weights: str = "DEFAULT",
         top: int = 5,
         *,
@@ -75,40 +78,40 @@ class Classifier:
         workers: int | None = None,
         offline: bool = False,
         mirror: str | None = None,
+        trust_checkpoint: bool = False,
         batch_size: int = 16,
     ) -> None:
         from resnetcli.cache import CacheSettings
-        from resnetcli.factory import load_model
-        from resnetcli.fastpath import configure_threads, optimize_for_inference
-        from resnetcli.predict import preprocessing_weights, resolve_device, set_preprocessing
 
         self.top = top
         self.threshold = threshold
-        self.threads = configure_threads(threads or assigned_cpus())
         self.settings = CacheSettings.from_env(offline=offline, mirror=mirror)
-        preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None else None
-        self.loaded = load_model(arch, weights, labels=list(labels) if labels else None, settings=self.settings)
-        for note in self.loaded.notes:
-            log.warning("%s", note)
-        set_preprocessing(self.loaded, preprocess_with, input_size=input_size, resize=resize)
-        crop = getattr(self.loaded.transforms, "crop_size", None) or [224]
-        # images=None: an actor classifies many images, so the traced graph pays back its set-up.
-        self.model = optimize_for_inference(
-            self.loaded.model,
-            device=resolve_device(device),
-            example_shape=(batch_size, 3, crop[0], crop[-1]),
-            images=None,
-        )
-        self.pool = ThreadPoolExecutor(max_workers=workers or self.threads, thread_name_prefix="resnet-decode")
-        log.debug("Classifier ready: %s (%s), %d threads", self.loaded.arch, self.loaded.weights.name, self.threads)
+        threads = threads or assigned_cpus()
+        labels = list(labels) if labels else None
+        if is_onnx(weights):
+            self.classifier = onnx_classifier(
+                weights, labels=labels, preprocess=preprocess, input_size=input_size, resize=resize,
+                device=device, threads=threads,
+            )  # fmt: skip
+        else:
+            self.classifier = torch_side(
+                arch, weights, labels=labels, preprocess=preprocess, input_size=input_size, resize=resize,
+                device=device, threads=threads, settings=self.settings, trust_checkpoint=trust_checkpoint,
+                batch_size=batch_size,
+            )  # fmt: skip
+        from resnetcli.predict import default_workers
+
+        # Decoding threads: as many as the actor's CPUs, as the local engine has one per core.
+        decoders = workers or threads or default_workers()
+        self.pool = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="resnet-decode")
+        log.debug("Classifier ready: %s (%s)", self.classifier.arch, self.classifier.weights)
 
     def __call__(self, batch: Any) -> dict:
         """Classify a batch (a dict of numpy arrays, or a pandas DataFrame) and return it as a dict of
         numpy arrays: its columns other than the image's, plus the record columns."""
         import numpy as np
-        import torch
 
-        from resnetcli.predict import Prediction, classify, top_classes
+        from resnetcli.predict import batch_predictions
 
         columns = _as_columns(batch)
         names, loaders = _sources(columns, offline=self.settings.offline, timeout=self.settings.timeout)
@@ -124,21 +127,10 @@ class Classifier:
         for position, future in pending:
             try:
                 outcomes[position] = future.result()
-            except ResnetError as error:
+            except InputError as error:
                 outcomes[position] = str(error)
-        tensors = [outcome for outcome in outcomes if not isinstance(outcome, str)]
-        ranked = iter(
-            top_classes(classify(self.model, torch.stack(tensors)), self.loaded.categories, self.top, self.threshold)
-            if tensors
-            else []
-        )
-        arch, weights = self.loaded.arch, self.loaded.weights.name
-        records = [
-            Prediction(name, arch, weights, error=outcome).record()
-            if isinstance(outcome, str)
-            else Prediction(name, arch, weights, top=next(ranked)).record()
-            for name, outcome in zip(names, outcomes)
-        ]
+        predictions = batch_predictions(self.classifier, names, outcomes, top=self.top, threshold=self.threshold)
+        records = [prediction.record() for prediction in predictions]
         out = {key: value for key, value in columns.items() if key not in (*SOURCE_COLUMNS, *RECORD_COLUMNS)}
         for key in RECORD_COLUMNS:
             column = np.empty(len(records), dtype=object)  # element by element: `top` holds lists
@@ -148,18 +140,111 @@ class Classifier:
         return out
 
     def _prepare(self, name: str, load: Callable[[], Any]):
-        return self.loaded.transforms(load())
+        from resnetcli.images import ImageRefused
+
+        image = load()
+        try:
+            return self.classifier.preprocess(image)
+        except ImageRefused as refused:
+            raise InputError(name, str(refused)) from None
+
+
+def torch_side(
+    arch: str | None,
+    weights: str,
+    *,
+    labels: list[str] | None,
+    preprocess: str | None,
+    input_size: int | None,
+    resize: int | None,
+    device: str,
+    threads: int | None,
+    settings: Any,
+    trust_checkpoint: bool,
+    batch_size: int,
+):
+    """The `predict.Classifier` of a torchvision model, made as `resnet predict` makes it: the same
+    factory, the same choice of preprocessing, `inference.torch_classifier`'s inference plan."""
+    from resnetcli.factory import load_model
+    from resnetcli.fastpath import configure_threads
+    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
+
+    chosen_device = resolve_device(device)
+    configure_threads(threads)
+    loaded = load_model(arch, weights, labels=labels, settings=settings, trust_checkpoint=trust_checkpoint)
+    for note in loaded.notes:
+        log.warning("%s", note)
+    preprocess_with = preprocessing_weights(loaded.arch, preprocess) if preprocess is not None else None
+    # expected_count None: an actor classifies many images, so a plan with set-up costs pays back.
+    return torch_classifier(
+        loaded,
+        transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
+        device=chosen_device,
+        batch_size=batch_size,
+        expected_count=None,
+    )
+
+
+def is_onnx(weights: str | None) -> bool:
+    """Whether `--weights` names an ONNX model file (by its suffix), which ONNX Runtime runs."""
+    return bool(weights) and str(weights).lower().endswith(".onnx")
+
+
+def onnx_classifier(
+    path: str,
+    *,
+    labels: list[str] | None,
+    preprocess: str | None,
+    input_size: int | None,
+    resize: int | None,
+    device: str,
+    threads: int | None,
+):
+    """The `predict.Classifier` of an ONNX model file on ONNX Runtime's CPU provider; never imports torch."""
+    from pathlib import Path
+
+    from resnetcli.errors import UsageError
+    from resnetcli.onnxrt import open_classifier
+    from resnetcli.predict import Classifier as Pipeline
+
+    if preprocess is not None:
+        raise UsageError(f"--preprocess {preprocess}: takes torchvision weights; an ONNX model brings its own")
+    if device.strip().lower() not in ("auto", "cpu"):
+        raise UsageError(f"--device {device}: an ONNX model runs on the CPU here")
+    model = open_classifier(Path(path), labels=labels, input_size=input_size, resize=resize, threads=threads)
+
+    def classify(images: Sequence[Any]):
+        import numpy as np
+
+        return model.classify(np.stack(images))
+
+    return Pipeline(
+        arch=model.arch,
+        weights=model.weights_name,
+        categories=tuple(model.categories),
+        preprocess=model.preprocess,
+        classify=classify,
+        details={"runtime": model.description},
+    )
+
+
+def prediction(row: dict):
+    """The `predict.Prediction` of an output row (a dict, as Ray Data gives rows back)."""
+    from resnetcli.predict import ClassScore, Prediction
+
+    name = str(row["input"])
+    if _present(row.get("error")):
+        return Prediction(name, str(row.get("arch") or ""), str(row.get("weights") or ""), error=str(row["error"]))
+    top = tuple(
+        ClassScore(int(s["rank"]), int(s["index"]), str(s["label"]), float(s["prob"]))
+        for s in (row.get("top") if row.get("top") is not None else [])
+    )
+    return Prediction(name, str(row["arch"]), str(row["weights"]), top=top)
 
 
 def record(row: dict) -> dict:
     """The `resnet predict` record of an output row: `{input, arch, weights, top}` or `{input, error}`."""
-    if _present(row.get("error")):
-        return {"input": str(row["input"]), "error": str(row["error"])}
-    top = [
-        {"rank": int(s["rank"]), "index": int(s["index"]), "label": str(s["label"]), "prob": float(s["prob"])}
-        for s in (row.get("top") if row.get("top") is not None else [])
-    ]
-    return {"input": str(row["input"]), "arch": str(row["arch"]), "weights": str(row["weights"]), "top": top}
+    return prediction(row).record()
 
 
 def assigned_cpus() -> int | None:
@@ -216,7 +301,8 @@ def _sources(
     columns: dict, *, offline: bool = False, timeout: float = 30.0
 ) -> tuple[list[str], list[Callable[[], Any]]]:
     """The name of each row's image and a function decoding it."""
-    from resnetcli.images import MAX_DOWNLOAD_BYTES, load_image
+    from resnetcli.images import MAX_DOWNLOAD_BYTES, decode_bytes, load_image
+    from resnetcli.predict import shown
 
     found = [name for name in SOURCE_COLUMNS if name in columns]
     if not found:
@@ -240,23 +326,19 @@ def _sources(
             names.append(name)
             loaders.append(_bytes_loader(name, bytes(value)))
             continue
-        name = str(value)
-        names.append(name)
-        if is_object_uri(name):
-            loaders.append(lambda name=name: _decode_bytes(name, read_uri(name, MAX_DOWNLOAD_BYTES)))
+        source = str(value)
+        names.append(shown(source))  # a URL without its password, as predict names it
+        if is_object_uri(source):
+            loaders.append(lambda source=source: decode_bytes(source, read_uri(source, MAX_DOWNLOAD_BYTES)))
         else:
-            loaders.append(lambda name=name: load_image(name, offline=offline, timeout=timeout))
+            loaders.append(lambda source=source: load_image(source, offline=offline, timeout=timeout))
     return names, loaders
 
 
 def _bytes_loader(name: str, data: Any) -> Callable[[], Any]:
-    return lambda: _decode_bytes(name, bytes(data))
+    from resnetcli.images import decode_bytes
 
-
-def _decode_bytes(name: str, data: bytes):
-    from resnetcli.images import _decode
-
-    return _decode(name, lambda: io.BytesIO(data))
+    return lambda: decode_bytes(name, bytes(data))
 
 
 def _array_loader(array: Any) -> Callable[[], Any]:

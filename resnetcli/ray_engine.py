@@ -18,7 +18,7 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from resnetcli.errors import UsageError
 from resnetcli.inputs import Input, expand_inputs, take_shard
@@ -145,7 +145,7 @@ def default_actors(ray, cpus_per_actor: float, gpus_per_actor: float) -> int:
 def run_on_ray(
     inputs: Sequence[str],
     *,
-    arch: str = "resnet50",
+    arch: str | None = None,
     weights: str = "DEFAULT",
     top: int = 5,
     threshold: float = 0.0,
@@ -159,10 +159,12 @@ def run_on_ray(
     device: str = "auto",
     offline: bool = False,
     mirror: str | None = None,
+    trust_checkpoint: bool = False,
     recursive: bool = True,
     stdin: BinaryIO | None = None,
     null: bool = False,
     shard: tuple[int, int] | None = None,
+    screen: Callable[[Iterable[Input]], Iterable[Input]] | None = None,
     address: str | None = None,
     actors: int | None = None,
     cpus_per_actor: float = 1.0,
@@ -176,35 +178,60 @@ def run_on_ray(
     With `output_dir`, Ray writes the records itself as sharded JSONL files there (every input in
     exactly one line of one `*.jsonl` file) and only the records of failed inputs are yielded,
     once the files are complete. The options are those of `resnet predict` and `resnetcli.ray.Classifier`;
-    `num_cpus` and `object_store_memory` size a local instance (default: the CPUs this process may
-    use, and Ray's own default share of memory).
+    `screen` filters the expanded inputs (the CLI's `RecordsOutput.screen`: the output file is no
+    input); `num_cpus` and `object_store_memory` size a local instance (default: the CPUs this
+    process may use, and Ray's own default share of memory).
     """
-    from resnetcli.factory import resolve_weights
+    # Checked when called, not when first iterated: usage errors come before any Ray process starts.
+    ray_api = require_ray()
+    if ray_api.is_onnx(weights):
+        from resnetcli.onnxrt import require_onnxruntime
 
-    # Checked when called, not when first iterated: before any output file is opened.
-    require_ray()
-    choice = resolve_weights(arch, weights)  # unknown names are usage errors before any Ray process starts
-    if address is None and choice.kind in ("pretrained", "url"):
-        # A local instance's actors share this machine's weight cache: get the file here, once, so
-        # that missing weights are exit code 3 before Ray starts and no actor downloads them.
-        from resnetcli.cache import CacheSettings
-        from resnetcli.factory import state_dict_for
-
-        state_dict_for(choice, CacheSettings.from_env(offline=offline, mirror=mirror))
+        require_onnxruntime(f"--weights {weights}")
+    else:
+        check_weights(arch, weights, preprocess=preprocess, local=address is None, offline=offline, mirror=mirror,
+                      trust_checkpoint=trust_checkpoint)  # fmt: skip
     if output_dir is not None:
         check_output_dir(output_dir)
     constructor = {
         "arch": arch, "weights": weights, "top": top, "threshold": threshold,
         "labels": list(labels) if labels else None, "preprocess": preprocess, "input_size": input_size,
         "resize": resize, "device": device, "threads": threads, "workers": workers, "offline": offline,
-        "mirror": mirror, "batch_size": batch_size,
+        "mirror": mirror, "trust_checkpoint": trust_checkpoint, "batch_size": batch_size,
     }  # fmt: skip
     items = expand_sources(inputs, recursive=recursive, stdin=stdin, null=null)
     if shard is not None:
         items = take_shard(items, *shard)
+    if screen is not None:
+        items = screen(items)
     session = {"address": address, "num_cpus": num_cpus, "object_store_memory": object_store_memory}
     pool = {"actors": actors, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor}
     return _run(items, constructor, session, pool, batch_size=batch_size, output_dir=output_dir)
+
+
+def check_weights(
+    arch: str | None,
+    weights: str,
+    *,
+    preprocess: str | None,
+    local: bool,
+    offline: bool,
+    mirror: str | None,
+    trust_checkpoint: bool,
+) -> None:
+    """Name problems with the weights on the driver, before Ray starts: unknown names and `--preprocess`
+    values are usage errors; for a local instance (whose actors share this machine's weight cache)
+    the weights are fetched here, once, so that missing weights are exit code 3 and no actor downloads them."""
+    from resnetcli.factory import DEFAULT_ARCH, checkpoint_for, resolve_weights
+    from resnetcli.inference import preprocessing_weights
+
+    choice = resolve_weights(arch or DEFAULT_ARCH, weights)
+    if preprocess is not None and arch is not None:
+        preprocessing_weights(arch, preprocess)
+    if local and choice.kind in ("pretrained", "url"):
+        from resnetcli.cache import CacheSettings
+
+        checkpoint_for(choice, CacheSettings.from_env(offline=offline, mirror=mirror), trust=trust_checkpoint)
 
 
 def _run(

@@ -387,3 +387,82 @@ def test_address_runs_on_an_existing_cluster_and_reports_actor_errors(ray_instan
     ]
     assert "Traceback" not in result.stderr
     assert ray_instance.is_initialized() and ray_instance.cluster_resources().get("CPU") == 2
+
+
+def test_engine_ray_refuses_an_input_as_output(sample_images, runner, app, tmp_path):
+    """-o with --engine ray goes through the local path's RecordsOutput: an input named as the output
+    is refused (exit 2) before anything is read, written or started, and the image is left as it was."""
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(sample_images[0].read_bytes())
+    before = image.read_bytes()
+    result = runner.invoke(app, ["predict", str(image), "-w", "none", "--engine", "ray", "-o", str(image)])
+    assert result.exit_code == 2, result.stderr
+    assert f"--output {image} is the input {image}; choose another file" in result.stderr
+    assert image.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+    both = runner.invoke(
+        app,
+        ["predict", str(image), "-w", "none", "--engine", "ray", "-o", str(tmp_path / "o.jsonl"),
+         "--output-dir", str(tmp_path / "dir")],
+    )  # fmt: skip
+    assert both.exit_code == 2
+    assert "--output and --output-dir: choose one" in both.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+
+@pytest.mark.ray
+def test_output_file_on_an_existing_cluster_is_written_whole(
+    ray_instance, discriminating, photo_folder, cli_env, runner, app, tmp_path
+):
+    """-o FILE with --engine ray: FILE replaced whole (no temporary file left), the same records as
+    the local engine's -o, the failed inputs on stderr and exit 1."""
+    names = ["cat_0.jpg", "broken_text.jpg", "rocket_1.png", "missing.jpg", "coffee_3.jpg"]
+    args = ["predict", *(str(photo_folder / n) for n in names), "-a", "resnet18", "-w", str(discriminating), "-k", "5"]
+    local_out, ray_out = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    local = runner.invoke(app, [*args, "-o", str(local_out)])
+    assert local.exit_code == 1, local.stderr
+    ray_out.write_text("an older result\n")
+    address = ray_instance.get_runtime_context().gcs_address
+    result = resnet(
+        *args, "-o", str(ray_out), "--engine", "ray", "--address", address, "--actors", "1", env=cli_env
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    expected = records_of(local_out.read_text())
+    assert_same_records(records_of(ray_out.read_text()), expected)
+    assert [r["input"] for r in expected if "error" in r] == [str(photo_folder / n) for n in names[1:4:2]]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("resnet: error: ")]
+    assert errors == [f"resnet: error: {r['error']}" for r in expected if "error" in r]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.jsonl", "ray.jsonl"]
+
+
+@pytest.mark.ray
+def test_classifier_runs_an_onnx_file_without_torch(discriminating, photo_folder, runner, app, tmp_path):
+    """weights=FILE.onnx: the Classifier runs `resnet export`'s file on ONNX Runtime, never importing
+    torch, and classifies as the torch engine does with the checkpoint it was exported from."""
+    model = tmp_path / "steered.onnx"
+    exported = runner.invoke(app, ["export", "resnet18", "--weights", str(discriminating), "-o", str(model)])
+    assert exported.exit_code == 0, exported.stderr
+    names = ["cat_0.jpg", "rocket_1.png", "broken_text.jpg", "astronaut_5.jpg", "coffee_0.jpg"]
+    paths = [str(photo_folder / n) for n in names]
+    local = runner.invoke(app, ["predict", *paths, "-a", "resnet18", "-w", str(discriminating), "-f", "jsonl"])
+    expected = [dict(r, weights=str(model)) if "error" not in r else r for r in records_of(local.stdout)]
+    code = (
+        "import json, sys\n"
+        "from resnetcli.ray import Classifier, record\n"
+        f"classifier = Classifier(weights={str(model)!r}, top=5, threads=1)\n"
+        f"out = classifier({{'path': {paths!r}}})\n"
+        "rows = [record({key: out[key][i] for key in out}) for i in range(len(out['input']))]\n"
+        "torch = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
+        "print(json.dumps([rows, torch]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows, torch_modules = json.loads(result.stdout)
+    assert torch_modules == []
+    assert_same_records(rows, expected)
+    assert rows[0]["top"][0]["index"] == STEERED_CLASSES["cat.jpg"]
+    assert rows[2] == {"input": paths[2], "error": f"{paths[2]}: not an image (unrecognised format)"}

@@ -1,6 +1,6 @@
 """`resnet predict --engine ray`: the options Ray adds to predict, and the writing of its records.
 
-`resnetcli.cli.predict` declares the options (`RAY_OPTIONS` below, in a separate block) and hands
+`resnetcli.cli.predict` declares these options (in its marked `--engine ray` block) and hands
 over to `predict_on_ray` when `--engine ray` is given. Nothing here imports Ray or torch at module
 level.
 """
@@ -88,30 +88,25 @@ def predict_on_ray(
     labels: Optional[Path],
     **options,
 ) -> None:
-    """Run predict on Ray and write its records like the local engine (stdout or `-o`, any format),
-    or into `--output-dir`; exit 1 when an input failed."""
+    """Run predict on Ray and write its records like the local engine (stdout, or `-o` written whole
+    through `RecordsOutput`, any format), or into `--output-dir`; exit 1 when an input failed."""
     from resnetcli.cli.app import say
+    from resnetcli.cli.outfile import RecordsOutput
     from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
-    from resnetcli.cli.predict import (
-        PREDICT_COLUMNS,
-        SUFFIX_FORMATS,
-        one_line,
-        open_output,
-        prediction_rows,
-        read_labels,
-    )
+    from resnetcli.cli.predict_records import PREDICT_COLUMNS, SUFFIX_FORMATS, one_line, prediction_rows, read_labels
+    from resnetcli.cli.predict_table import print_predictions
+    from resnetcli.errors import UsageError
     from resnetcli.inputs import parse_shard
     from resnetcli.ray_engine import run_on_ray
 
-    records = run_on_ray(
-        inputs,
-        shard=parse_shard(shard) if shard is not None else None,
-        labels=read_labels(labels) if labels else None,
-        stdin=sys.stdin.buffer if "-" in inputs else None,
-        **options,
-    )
+    if output is not None and options.get("output_dir") is not None:
+        raise UsageError("--output and --output-dir: choose one")
+    stdin = sys.stdin.buffer if "-" in inputs else None
+    shard_spec = parse_shard(shard) if shard is not None else None
+    class_names = read_labels(labels) if labels else None
     failed = 0
     if options.get("output_dir") is not None:
+        records = run_on_ray(inputs, shard=shard_spec, labels=class_names, stdin=stdin, **options)
         with ray_notices_away():
             for entry in records:
                 failed += 1
@@ -119,17 +114,24 @@ def predict_on_ray(
         if failed:
             raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
         return
-    stream = open_output(output)
-    if output_format is None and output is not None:
-        output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
-    fmt = choose_format(output_format, stream)
-    title = f"{options.get('arch')} ({options.get('weights')})"
+    target = RecordsOutput(output)
+    records = None
     try:
-        with (
-            ray_notices_away(),
-            RecordWriter(fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=title) as writer,
-        ):
+        target.refuse_inputs(inputs, stdin)
+        records = run_on_ray(inputs, shard=shard_spec, labels=class_names, stdin=stdin, screen=target.screen, **options)
+        stream = target.stream
+        if output_format is None and output is not None:
+            output_format = SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.jsonl)
+        fmt = choose_format(output_format, stream)
+        # The table's title names the model as the records do (the local engine's title); a table is
+        # printed at the end, so the first classified input can give it.
+        writer = RecordWriter(
+            fmt, PREDICT_COLUMNS, stream=stream, rows=prediction_rows, title=None, table=print_predictions
+        )
+        with ray_notices_away(), writer:
             for entry in records:
+                if writer.title is None and "arch" in entry:
+                    writer.title = f"{entry['arch']} ({entry['weights']})"
                 writer.write(entry)
                 if "error" in entry:
                     failed += 1
@@ -137,11 +139,15 @@ def predict_on_ray(
                     if strict:
                         say("stopped at the first failure (--strict)")
                         break
-    finally:
         close = getattr(records, "close", None)
         if close is not None:
             close()  # shuts Ray down now, also when stopped early
-        if stream is not sys.stdout:
-            stream.close()
+        target.commit()
+    except BaseException:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()
+        target.abandon()
+        raise
     if failed:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
