@@ -223,8 +223,16 @@ def check_weights(
     values are usage errors; for a local instance (whose actors share this machine's weight cache)
     the weights are fetched here, once, so that missing weights are exit code 3 and no actor downloads them."""
     from resnetcli.factory import DEFAULT_ARCH, checkpoint_for, resolve_weights
+    from resnetcli.foreign import is_spec
     from resnetcli.inference import preprocessing_weights
 
+    if is_spec(arch):
+        # timm or a user's module: the actors build it through load_model, as the local path does.
+        if preprocess is not None:
+            raise UsageError(
+                f"--preprocess names torchvision weights; {arch} uses timm's data config or its checkpoint's"
+            )
+        return
     choice = resolve_weights(arch or DEFAULT_ARCH, weights)
     if preprocess is not None and arch is not None:
         preprocessing_weights(arch, preprocess)
