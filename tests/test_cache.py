@@ -302,13 +302,18 @@ def test_failed_download_is_one_line_naming_the_url_and_leaves_nothing(
     url = {"404": f"{server.url}/ok/missing-0123abcd.pth", "refused": refused_url(name)}.get(mode) or server.file_url(
         mode, name
     )
+    unreachable = (
+        f"where the network is unreachable, copy the file in with `resnet fetch --from-file PATH --url {url}`"
+        " and use --offline"
+    )
     expected_message = {
         "wrong": f"{url}: sha256 mismatch: expected {tiny.sha256[:8]}..., got {impostor.sha256[:16]}...; the file was discarded",
         "short": f"{url}: download incomplete: got {size // 2} of {size} bytes",
         "stall": f"{url}: download stalled: no data for 1 s",
-        "silent": f"{url}: download failed: no answer within 1 s",
+        # issue 13: when no server answers, the message names the next step
+        "silent": f"{url}: download failed: no answer within 1 s; {unreachable}",
         "404": f"{url}: download failed: HTTP 404 Not Found",
-        "refused": f"{url}: download failed: Connection refused",
+        "refused": f"{url}: download failed: Connection refused; {unreachable}",
     }[mode]
     if mode == "silent":
         monkeypatch.setenv("RESNET_TIMEOUT", "1")  # the variable, for one case; --timeout for the others
