@@ -408,7 +408,7 @@ def test_a_checkpoint_in_the_cache_is_usable_by_name_from_any_folder_and_a_local
     assert result.exit_code == 0, result.stderr
     assert top1_indices(result.stdout) == steered_resnet18.expected
 
-    three = {k: v for k, v in steered_resnet18.state_dict.items()}
+    three = dict(steered_resnet18.state_dict)
     three["fc.weight"], three["fc.bias"] = three["fc.weight"][:3].clone(), three["fc.bias"][:3].clone()
     torch.save(three, elsewhere / name)  # same name here: the local file wins
     local = run_cli(runner, app, *predict_args(sample_images, "--arch", "resnet18", "--weights", name))
@@ -451,7 +451,7 @@ def test_two_threads_building_different_models_at_once_each_get_their_exact_weig
         barrier = threading.Barrier(len(jobs))
         results, errors = {}, []
 
-        def work(name, build):
+        def work(name, build, barrier=barrier, results=results, errors=errors):
             try:
                 barrier.wait(timeout=30)
                 results[name] = build()

@@ -797,8 +797,8 @@ def test_preprocess_chooses_another_weights_preprocessing(runner, app, photos, t
     bad = run(runner, app, *args, "--preprocess", "IMAGENET1K_V9")
     assert bad.exit_code == 2
     assert (
-        bad.stderr
-        == "resnet: error: --preprocess IMAGENET1K_V9: not a weights name of resnet50; choose one of IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT\n"
+        bad.stderr == "resnet: error: --preprocess IMAGENET1K_V9: not a weights name of resnet50; "
+        "choose one of IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT\n"
     )
 
 
