@@ -57,7 +57,8 @@ def main() -> None:
     summary_median = statistics.median(summary_times)
     build_median = statistics.median(build_times)
     print(
-        f"{args.arch}: {report.total_params:,} parameters, input {report.input_size}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{args.arch}: {report.total_params:,} parameters, input {report.input_size}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(f"summary (meta device, torchinfo)  median {summary_median:8.3f} s  over {args.repeat} runs")
     print(f"build with random init (CPU)      median {build_median:8.3f} s  over {args.repeat} runs")

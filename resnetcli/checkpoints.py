@@ -102,7 +102,7 @@ def describe_content(head: bytes, size: int, suffix: str = "") -> str:
         return "a Git LFS pointer, not the file itself (run `git lfs pull`)"
     if lowered.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
         return "an HTML page (an error page saved in place of the file?)"
-    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff") or head.startswith((b"GIF87a", b"GIF89a")):
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")):
         return "an image"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "an image"
@@ -403,12 +403,10 @@ def declared_size_problems(state_dict: Mapping[str, torch.Tensor], expected: Map
 
 def fit_problems(arch: str, expected: Mapping[str, Sequence[int]], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Why a checkpoint does not fit a model's tensors: missing, unexpected and misshapen keys."""
-    import torch
-
     problems = [f'missing "{key}"' for key in expected if key not in state_dict]
     problems += [f'unexpected "{key}"' for key in state_dict if key not in expected]
     problems += [
-        f"{key} is {state_dict[key].shape} where {arch} has {torch.Size(shape)}"
+        f"{key} is {list(state_dict[key].shape)} where {arch} has {list(shape)}"
         for key, shape in expected.items()
         if key in state_dict and list(state_dict[key].shape) != list(shape)
     ]
@@ -416,11 +414,12 @@ def fit_problems(arch: str, expected: Mapping[str, Sequence[int]], state_dict: M
 
 
 def fit_message(source: str, arch: str, problems: Sequence[str], looks_like: str | None = None) -> str:
-    """The one line saying a checkpoint does not fit: the first three problems and a count of the rest,
-    and the torchvision architecture it seems made for, when one was found."""
+    """The one line saying a checkpoint does not fit `arch` (predict, summary, features, eval): the
+    first three problems and a count of the rest, and the torchvision architecture it seems made
+    for, when one was found."""
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     guess = f"; this looks like a {looks_like} checkpoint (--arch {looks_like})" if looks_like else ""
-    return f"{shown(source)}: does not fit the architecture: {'; '.join(problems[:3])}{more}{guess}"
+    return f"{shown(source)}: does not fit {arch}: {'; '.join(problems[:3])}{more}{guess}"
 
 
 def shapes_match(expected: Mapping[str, Sequence[int]], state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -196,10 +196,14 @@ def _check_free_space(folder: Path, size: int) -> None:
         )
 
 
-def _http_source(url: str, timeout: float, cap: int, known: bool, report: Callable[[int, int | None], None]):
+def _http_source(
+    url: str, timeout: float, cap: int, known: bool, report: Callable[[int, int | None], None], next_step: str = ""
+):
     """Open `url` as a Source that reads at most `cap` bytes and checks the length the server announced.
 
     `known`: the cap is the expected size (the message says so) rather than RESNET_MAX_DOWNLOAD.
+    `next_step` ends the message when no server answered (refused, unknown host, no answer): what to
+    do where the network cannot be reached.
     """
     shown = redact_url(url)
     plain, authorization = split_credentials(url)
@@ -211,7 +215,10 @@ def _http_source(url: str, timeout: float, cap: int, known: bool, report: Callab
     except ValueError:
         raise WeightsUnavailable(f"{shown}: not a URL resnetcli can download from") from None
     except (OSError, http.client.HTTPException) as error:
-        raise _network_error(shown, error, timeout, started=False) from None
+        failure = _network_error(shown, error, timeout, started=False)
+        if next_step and not isinstance(error, (urllib.error.HTTPError, http.client.HTTPException)):
+            failure = WeightsUnavailable(f"{failure}; {next_step}")
+        raise failure from None
     limit = (
         f"more than the expected {format_size(cap)}" if known else f"more than RESNET_MAX_DOWNLOAD={format_size(cap)}"
     )
@@ -274,9 +281,9 @@ def download(
     target = folder / file_name
     if target.is_file():
         return already_cached(target, expected)
+    fetch_hint = redact_url(fetch_hint or f"resnet fetch --url {url}")
+    import_hint = fetch_hint.replace("resnet fetch ", "resnet fetch --from-file PATH ", 1)
     if settings.offline:
-        fetch_hint = redact_url(fetch_hint or f"resnet fetch --url {url}")
-        import_hint = fetch_hint.replace("resnet fetch ", "resnet fetch --from-file PATH ", 1)
         raise WeightsUnavailable(
             f"{file_name} is not in the weight cache {folder} and downloads are off (offline mode); "
             f"get it with `{fetch_hint}` where the network is reachable, or copy it in with `{import_hint}`"
@@ -286,6 +293,9 @@ def download(
         raise WeightsUnavailable(f"{redact_url(source)}: only http:// and https:// URLs are downloaded")
     cap = size if size is not None else settings.max_download
     total: dict[str, int | None] = {}
+    # When no server answers, the next step, as the offline message names it (issue 13).
+    mirror = "download through a reachable mirror (--mirror URL), or " if mirrored else ""
+    next_step = f"where the network is unreachable, {mirror}copy the file in with `{import_hint}` and use --offline"
 
     def report(done: int, length: int | None = None) -> None:
         total.setdefault("length", length)
@@ -295,7 +305,7 @@ def download(
     def open_source() -> Source:
         if size is not None:
             _check_free_space(folder, size)
-        return _http_source(source, settings.timeout, cap, size is not None, report)
+        return _http_source(source, settings.timeout, cap, size is not None, report, next_step)
 
     return store_verified(
         file_name,
@@ -318,7 +328,7 @@ def import_file(source: Path, file_name: str | None = None, *, sha256: str | Non
     if not expected:
         raise WeightsUnavailable(f"{source}: no sha256 to verify against: pass --sha256 HEX")
     try:
-        reader = open(source, "rb")
+        reader = open(source, "rb")  # noqa: SIM115 (closed by `with reader` below; opened here to name a read error)
     except OSError as error:
         raise WeightsUnavailable(f"{source}: cannot read: {error.strerror or error}") from None
 

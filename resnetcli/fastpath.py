@@ -285,10 +285,7 @@ def usable_cpu_count(cgroup_root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/s
     `cgroup_root` and `proc_cgroup` say where to read the cgroup hierarchy and this process's place
     in it; the quota of the process's cgroup and of every ancestor up to the root counts.
     """
-    if hasattr(os, "sched_getaffinity"):
-        count = max(1, len(os.sched_getaffinity(0)))
-    else:
-        count = max(1, os.cpu_count() or 1)
+    count = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
     if quota is not None and quota < count:
         log.debug("cgroup CPU quota %.2f CPUs limits threads below the %d CPUs of the affinity mask", quota, count)

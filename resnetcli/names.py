@@ -79,10 +79,7 @@ def complete_weights(words: Sequence[object], incomplete: str) -> list[str]:
     command line so far), or of every architecture when none is named yet."""
     names = load()
     arch = next((word.lower() for word in words if isinstance(word, str) and word.lower() in names), None)
-    if arch is not None:
-        candidates = names[arch]
-    else:
-        candidates = sorted({name for weights in names.values() for name in weights})
+    candidates = names[arch] if arch is not None else sorted({name for weights in names.values() for name in weights})
     prefix = incomplete.upper()
     return [name for name in [*candidates, *GENERIC_WEIGHTS] if name.upper().startswith(prefix)]
 

@@ -10,8 +10,16 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from resnetcli import checkpoints
 from resnetcli.errors import CheckpointError, UsageError
-from resnetcli.factory import WeightsChoice, meta_model, resolve_architecture, resolve_weights, weights_enum
+from resnetcli.factory import (
+    WeightsChoice,
+    looks_like,
+    meta_model,
+    resolve_architecture,
+    resolve_weights,
+    weights_enum,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -128,18 +136,14 @@ def input_size_error(arch: str, model: torch.nn.Module, height: int, width: int,
 
 
 def check_fit(arch: str, model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError unless a checkpoint has exactly the model's tensor names and shapes."""
+    """Raise CheckpointError unless a checkpoint has exactly the model's tensor names and shapes.
+
+    The message is `predict`'s (checkpoints.fit_message), with the architecture the tensors seem
+    made for when there is one."""
     expected = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
-    problems = [f"missing {key}" for key in expected if key not in state_dict]
-    problems += [f"unexpected {key}" for key in state_dict if key not in expected]
-    problems += [
-        f"{key} is {list(state_dict[key].shape)} where {arch} has {shape}"
-        for key, shape in expected.items()
-        if key in state_dict and list(state_dict[key].shape) != shape
-    ]
+    problems = checkpoints.fit_problems(arch, expected, state_dict)
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{source}: does not fit {arch}: {'; '.join(problems[:3])}{more}")
+        raise CheckpointError(checkpoints.fit_message(source, arch, problems, looks_like(state_dict, arch)))
 
 
 def inspection_model(

@@ -33,13 +33,19 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from resnetcli.errors import CacheError, WeightsUnavailable
+from resnetcli.partials import (  # noqa: F401 (owner_of_partial, partials_of: the store's API, used by inventory)
+    PARTIAL_SUFFIX,
+    new_partial,
+    owner_of_partial,
+    partials_of,
+    remove_stale_partials,
+)
 
 log = logging.getLogger(__name__)
 
 #: torch.hub's convention: `NAME-<first hex digits of the sha256>.EXT` (the same pattern torch.hub uses).
 HASH_PREFIX = re.compile(r"-([a-f0-9]{6,64})\.")
 RECORD_DIR = ".resnetcli"
-PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 CHUNK = 1 << 20
 #: How long a process waits for another one that is writing the same file.
@@ -47,8 +53,6 @@ LOCK_WAIT = 3600.0
 #: The largest record read. A record is about 250 bytes (sha256, size, mtime, URL, date); 4 KiB
 #: leaves room for a long URL and keeps a planted huge or endless file from being read at all.
 RECORD_MAX = 4096
-
-_PARTIAL_NAME = re.compile(rf"^\.(?P<name>.+)\.\d+\.\d+{re.escape(PARTIAL_SUFFIX)}$")
 
 
 def hub_dir() -> Path:
@@ -320,48 +324,6 @@ def file_lock(
         lock.release()
 
 
-def new_partial(folder: Path, file_name: str) -> Path:
-    return folder / f".{file_name}.{os.getpid()}.{time.monotonic_ns()}{PARTIAL_SUFFIX}"
-
-
-def owner_of_partial(name: str) -> str | None:
-    """The file name a partial file (`.NAME.PID.NS.partial`) was meant to become, or None."""
-    match = _PARTIAL_NAME.match(name)
-    return match.group("name") if match else None
-
-
-def partials_of(folder: Path, file_name: str | None = None) -> list[Path]:
-    """Partial files in `folder` (of `file_name` only, when given), links included, sorted."""
-    try:
-        entries = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    found = [
-        folder / entry
-        for entry in entries
-        if (owner := owner_of_partial(entry)) is not None and (file_name is None or owner == file_name)
-    ]
-    return sorted(found)
-
-
-def remove_stale_partials(folder: Path, file_name: str) -> list[Path]:
-    """Remove partial files of `file_name`; call it holding that file's lock.
-
-    Only the lock holder writes partial files, so any found while holding the lock belong to a
-    process that died (SIGKILL, power loss) mid-write. Unlinking removes a link, never its target.
-    """
-    removed = []
-    for stale in partials_of(folder, file_name):
-        try:
-            stale.unlink()
-            removed.append(stale)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            log.debug("%s: stale partial not removed: %s", stale, error)
-    return removed
-
-
 def _copy_hashing(
     read: Callable[[int], bytes], handle: BinaryIO, folder: Path, report: Callable[[int], None]
 ) -> tuple[str, int]:
@@ -424,7 +386,7 @@ def store_verified(
         partial = new_partial(folder, file_name)
         try:
             try:
-                handle = open(partial, "xb")
+                handle = open(partial, "xb")  # noqa: SIM115 (closed by `with handle` below; opened here to name an error)
             except OSError as error:
                 raise _cache_error("write to", folder, error) from None
             with handle:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "resnetcli"
 
 #: The file store: the cache folder, its records, locks, downloads and inventory. Torch-free.
-STORE = {"cache", "store", "download", "downloads", "inventory", "urls"}
+STORE = {"cache", "store", "partials", "download", "downloads", "inventory", "urls"}
 #: The model side: torchvision's catalogue, checkpoint reading, the factory that builds models.
 MODEL = {"registry", "catalogue", "factory", "checkpoints"}
 MODEL_LIBRARIES = {"torch", "torchvision", "timm"}

@@ -266,8 +266,8 @@ def test_fetch_url_needs_a_hash_from_sha256_or_the_file_name(runner, app, server
     unverifiable = run_cli(runner, app, "fetch", "--url", url)
     assert unverifiable.exit_code == 3
     assert (
-        unverifiable.stderr
-        == f"resnet: error: {url}: no sha256 to verify against: pass --sha256 or use a NAME-<sha256 prefix>.pth file name\n"
+        unverifiable.stderr == f"resnet: error: {url}: no sha256 to verify against: "
+        "pass --sha256 or use a NAME-<sha256 prefix>.pth file name\n"
     )
     assert server.gets == Counter()  # refused before any download
 
@@ -302,13 +302,19 @@ def test_failed_download_is_one_line_naming_the_url_and_leaves_nothing(
     url = {"404": f"{server.url}/ok/missing-0123abcd.pth", "refused": refused_url(name)}.get(mode) or server.file_url(
         mode, name
     )
+    unreachable = (
+        f"where the network is unreachable, copy the file in with `resnet fetch --from-file PATH --url {url}`"
+        " and use --offline"
+    )
     expected_message = {
-        "wrong": f"{url}: sha256 mismatch: expected {tiny.sha256[:8]}..., got {impostor.sha256[:16]}...; the file was discarded",
+        "wrong": f"{url}: sha256 mismatch: expected {tiny.sha256[:8]}..., got {impostor.sha256[:16]}..."
+        "; the file was discarded",
         "short": f"{url}: download incomplete: got {size // 2} of {size} bytes",
         "stall": f"{url}: download stalled: no data for 1 s",
-        "silent": f"{url}: download failed: no answer within 1 s",
+        # issue 13: when no server answers, the message names the next step
+        "silent": f"{url}: download failed: no answer within 1 s; {unreachable}",
         "404": f"{url}: download failed: HTTP 404 Not Found",
-        "refused": f"{url}: download failed: Connection refused",
+        "refused": f"{url}: download failed: Connection refused; {unreachable}",
     }[mode]
     if mode == "silent":
         monkeypatch.setenv("RESNET_TIMEOUT", "1")  # the variable, for one case; --timeout for the others
@@ -407,8 +413,8 @@ def test_offline_fails_at_once_naming_file_and_fetch_command(runner, app, server
     assert result.exit_code == 3
     assert f"{tiny.name} is not in the weight cache" in result.stderr
     assert (
-        f"`resnet fetch --url {url}` where the network is reachable, or copy it in with `resnet fetch --from-file PATH --url {url}`"
-        in result.stderr
+        f"`resnet fetch --url {url}` where the network is reachable, "
+        f"or copy it in with `resnet fetch --from-file PATH --url {url}`" in result.stderr
     )
     assert time.monotonic() - started < 5
     assert server.gets == Counter()
@@ -478,7 +484,8 @@ def test_from_file_imports_only_verified_files(runner, app, server, tiny, impost
     assert refused.exit_code == 3
     prefix = hub_prefix(ResNet18_Weights.IMAGENET1K_V1.url)
     assert refused.stderr == (
-        f"resnet: error: {carried}: sha256 mismatch: expected {prefix}..., got {impostor.sha256[:16]}...; not imported\n"
+        f"resnet: error: {carried}: sha256 mismatch: expected {prefix}..., got {impostor.sha256[:16]}..."
+        "; not imported\n"
     )
     assert cache_contents(checkpoint_dir) == []
 
@@ -535,7 +542,10 @@ def test_truncated_or_altered_cached_file_is_caught_before_loading(
     cached = checkpoint_dir / tiny.name
 
     cached.write_bytes(tiny.data[:-1000])  # truncated (a full disk, a killed copy)
-    corrupt_size = f"{cached}: cached file is corrupt ({len(tiny.data) - 1000} bytes, {len(tiny.data)} expected); remove it with `resnet cache rm {tiny.name}` and fetch it again"
+    corrupt_size = (
+        f"{cached}: cached file is corrupt ({len(tiny.data) - 1000} bytes, {len(tiny.data)} expected)"
+        f"; remove it with `resnet cache rm {tiny.name}` and fetch it again"
+    )
     for args in (["predict", sample_images[0], "--arch", "resnet18", "--weights", url], ["fetch", "--url", url]):
         result = run_cli(runner, app, *args)
         assert result.exit_code == 3
@@ -548,7 +558,8 @@ def test_truncated_or_altered_cached_file_is_caught_before_loading(
     assert result.exit_code == 3
     altered_sha = sha256_file(cached)
     assert result.stderr == (
-        f"resnet: error: {cached}: cached file is corrupt (sha256 {altered_sha[:12]}..., {tiny.sha256[:12]}... was recorded); "
+        f"resnet: error: {cached}: cached file is corrupt (sha256 {altered_sha[:12]}..., "
+        f"{tiny.sha256[:12]}... was recorded); "
         f"remove it with `resnet cache rm {tiny.name}` and fetch it again\n"
     )
     assert server.gets == Counter({f"/ok/{name}": 1})
@@ -568,7 +579,8 @@ def test_bad_file_torchvision_left_in_the_cache_is_caught_before_loading(
     )
     assert result.exit_code == 3
     assert result.stderr == (
-        f"resnet: error: {checkpoint_dir / file_name}: cached file is corrupt (sha256 {impostor.sha256[:12]}..., expected {hub_prefix(file_name)}...); "
+        f"resnet: error: {checkpoint_dir / file_name}: cached file is corrupt (sha256 {impostor.sha256[:12]}..., "
+        f"expected {hub_prefix(file_name)}...); "
         f"remove it with `resnet cache rm {file_name}` and fetch it again\n"
     )
 
@@ -595,8 +607,10 @@ def test_verify_hashes_every_file_in_full(runner, app, server, tiny, impostor, c
     assert (
         result.stderr.splitlines()
         == [  # one line per file that is not ok, in file-name order
-            f"resnet: warning: {checkpoint_dir / 'notes.pth'}: cannot be verified (no recorded sha256 and none in the file name)",
-            f"resnet: error: {checkpoint_dir / impostor_name}: corrupt (sha256 {impostor.sha256[:12]}..., the file name says {hub_prefix(impostor_name)}); "
+            f"resnet: warning: {checkpoint_dir / 'notes.pth'}: cannot be verified "
+            "(no recorded sha256 and none in the file name)",
+            f"resnet: error: {checkpoint_dir / impostor_name}: corrupt (sha256 {impostor.sha256[:12]}..., "
+            f"the file name says {hub_prefix(impostor_name)}); "
             f"remove it with `resnet cache rm {impostor_name}` and fetch it again",
         ]
     )
@@ -703,8 +717,8 @@ def test_cache_folder_that_cannot_be_created_is_named(runner, app, server, tiny,
     result = run_cli(runner, app, "fetch", "--url", server.file_url("ok", server.add(tiny)))
     assert result.exit_code == 3
     assert (
-        result.stderr
-        == f"resnet: error: cannot create the weight cache folder {torch_home / 'hub' / 'checkpoints'}: Not a directory\n"
+        result.stderr == f"resnet: error: cannot create the weight cache folder "
+        f"{torch_home / 'hub' / 'checkpoints'}: Not a directory\n"
     )
     assert server.gets == Counter()
 

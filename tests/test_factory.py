@@ -361,9 +361,22 @@ def test_wrong_architecture_in_predict_is_concise_and_names_the_right_one(runner
     result = run_cli(runner, app, "predict", sample_images[0], "--arch", "resnet50", "--weights", steered_resnet18.path)
     assert result.exit_code == 3
     line = one_line_error(result)
-    assert line.startswith(f"resnet: error: {steered_resnet18.path}: does not fit the architecture: missing ")
+    assert line.startswith(f"resnet: error: {steered_resnet18.path}: does not fit resnet50: missing ")
     assert line.endswith(f" (and {count - 3} more); this looks like a resnet18 checkpoint (--arch resnet18)")
     assert len(line) < 400
+
+
+def test_summary_and_predict_say_the_same_about_a_checkpoint_of_another_architecture(
+    runner, app, sample_images, steered_resnet18
+):
+    predicted = run_cli(
+        runner, app, "predict", sample_images[0], "--arch", "resnet50", "--weights", steered_resnet18.path
+    )
+    summarised = run_cli(runner, app, "summary", "resnet50", "--weights", steered_resnet18.path)
+    assert (predicted.exit_code, summarised.exit_code) == (3, 3)
+    assert summarised.stdout == ""
+    assert one_line_error(summarised) == one_line_error(predicted)
+    assert one_line_error(summarised).endswith("; this looks like a resnet18 checkpoint (--arch resnet18)")
 
 
 def test_unknown_weights_list_each_name_once_and_suggest_by_similarity(runner, app, sample_images):
@@ -395,7 +408,7 @@ def test_a_checkpoint_in_the_cache_is_usable_by_name_from_any_folder_and_a_local
     assert result.exit_code == 0, result.stderr
     assert top1_indices(result.stdout) == steered_resnet18.expected
 
-    three = {k: v for k, v in steered_resnet18.state_dict.items()}
+    three = dict(steered_resnet18.state_dict)
     three["fc.weight"], three["fc.bias"] = three["fc.weight"][:3].clone(), three["fc.bias"][:3].clone()
     torch.save(three, elsewhere / name)  # same name here: the local file wins
     local = run_cli(runner, app, *predict_args(sample_images, "--arch", "resnet18", "--weights", name))
@@ -438,7 +451,7 @@ def test_two_threads_building_different_models_at_once_each_get_their_exact_weig
         barrier = threading.Barrier(len(jobs))
         results, errors = {}, []
 
-        def work(name, build):
+        def work(name, build, barrier=barrier, results=results, errors=errors):
             try:
                 barrier.wait(timeout=30)
                 results[name] = build()

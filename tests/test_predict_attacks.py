@@ -177,7 +177,8 @@ def test_jpeg_whose_header_claims_more_than_the_file_holds_is_an_error(runner, a
     assert jsonl(result.stdout) == [
         {
             "input": str(short),
-            "error": f"{short}: cannot decode image: truncated (a 5000x5000 JPEG needs at least 48828 bytes, the file has 2002)",
+            "error": f"{short}: cannot decode image: "
+            "truncated (a 5000x5000 JPEG needs at least 48828 bytes, the file has 2002)",
         }
     ]
 

@@ -83,7 +83,8 @@ def test_the_pipeline_runs_a_classifier_of_another_runtime_without_torch(tmp_pat
         "from test_predict_pipeline import numpy_classifier\n"
         "from resnetcli.inputs import expand_inputs\n"
         "from resnetcli.predict import predict\n"
-        f"records = [p.record() for p in predict(numpy_classifier(), expand_inputs([{str(tmp_path)!r}]), top=1, workers=2)]\n"
+        f"inputs = expand_inputs([{str(tmp_path)!r}])\n"
+        "records = [p.record() for p in predict(numpy_classifier(), inputs, top=1, workers=2)]\n"
         "print(json.dumps(records))\n"
         "print('torch' in sys.modules)\n"
     )
@@ -149,7 +150,7 @@ def test_in_flight_inputs_never_exceed_batch_size_plus_twice_the_workers(tmp_pat
 
     classifier = numpy_classifier(classify_delay=0.05, on_preprocess=started)
     paths = sorted(str(p) for p in tmp_path.glob("*.png"))
-    for prediction in predict(classifier, paths, batch_size=batch_size, workers=workers):
+    for _prediction in predict(classifier, paths, batch_size=batch_size, workers=workers):
         with lock:
             counts["yielded"] += 1
         time.sleep(0.01)
@@ -210,8 +211,8 @@ def test_threads_default_to_the_affinity_mask_of_the_process(tmp_path, steered_r
         "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
         "from resnetcli.cli import app\n"
         "try:\n"
-        f"    app(['predict', {str(sample_images[1])!r}, '--arch', 'resnet18', '--weights', {str(steered_resnet18.path)!r},"
-        " '--top', '1'], prog_name='resnet')\n"
+        f"    app(['predict', {str(sample_images[1])!r}, '--arch', 'resnet18',"
+        f" '--weights', {str(steered_resnet18.path)!r}, '--top', '1'], prog_name='resnet')\n"
         "except SystemExit as done:\n"
         "    assert not done.code, done.code\n"
         "import torch\n"

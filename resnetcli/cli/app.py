@@ -407,7 +407,7 @@ def download_progress() -> Iterator:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     tasks: dict[str, int] = {}
-    with Progress(
+    progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -418,11 +418,17 @@ def download_progress() -> Iterator:
         # rich would otherwise send whatever is printed to stdout while the bar is live (the
         # records) to the bar's console, stderr.
         redirect_stdout=False,
-    ) as progress:
+    )
 
-        def update(name: str, done: int, total: int | None) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(name, total=total)
-            progress.update(tasks[name], completed=done, total=total)
+    def update(name: str, done: int, total: int | None) -> None:
+        if not tasks:  # the display starts with the first download: nothing is drawn when none happens
+            progress.start()
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total)
+        progress.update(tasks[name], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            progress.stop()

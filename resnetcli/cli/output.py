@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 from enum import Enum
 from typing import IO, Any, Callable, Iterable, Sequence
+
+from resnetcli.cli.text import escape_controls, escape_surrogates
 
 
 class OutputFormat(str, Enum):
@@ -38,21 +39,6 @@ def choose_format(requested: OutputFormat | None, stream: IO[str]) -> OutputForm
     return OutputFormat.table if isatty is not None and isatty() else OutputFormat.jsonl
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def escape_surrogates(text: str) -> str:
-    """`text` with each lone surrogate written as its `\\uXXXX` escape (valid UTF-8 afterwards)."""
-    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
-
-
-def escape_controls(text: str) -> str:
-    """`text` with control characters written as escapes, for a terminal: `\\n`, `\\x1b`, ..."""
-    return _CONTROL.sub(lambda match: _NAMED_CONTROLS.get(match.group(), f"\\x{ord(match.group()):02x}"), text)
-
-
 def cell(value: Any) -> str:
     """A value as text for a CSV or TSV cell: exact numbers, lists in brackets, booleans as true/false."""
     if value is None:
@@ -62,19 +48,6 @@ def cell(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(cell(v) for v in value) + "]"
     return str(value)
-
-
-def _table_cell(value: Any) -> str:
-    """A value as text for a human: thousands separators, 4 decimals, yes/no."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    return escape_controls(escape_surrogates(cell(value)))
 
 
 class RecordWriter:
@@ -162,42 +135,11 @@ class RecordWriter:
 
 
 def print_table(columns: Sequence[str], rows: Iterable[dict], title: str | None, stream: IO[str], console=None) -> None:
-    """Print rows as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    """Print rows as a table fitted to the terminal (cli/tables.py: numbers never wrap, each column
+    with its precision); `console` only sets the width."""
+    from resnetcli.cli.tables import print_fitted
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        numeric = column in NUMERIC_COLUMNS
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
-    for row in rows:
-        # Text, not markup: a cell such as "[resnet50:IMAGENET1K_V2]" must not be read as a rich tag.
-        table.add_row(*(Text(_table_cell(row.get(column))) for column in columns))
-    if console is None:
-        isatty = getattr(stream, "isatty", None)
-        # Off a terminal there is no width to fit: never wrap cells (rich would assume 80 columns).
-        console = Console(file=stream, width=None if isatty and isatty() else 100_000)
-    console.print(table)
-
-
-#: Columns right-aligned in tables.
-NUMERIC_COLUMNS = frozenset(
-    {
-        "rank",
-        "index",
-        "prob",
-        "params",
-        "size",
-        "channels",
-        "stride",
-        "mult_adds",
-        "acc@1",
-        "acc@5",
-        "gflops",
-        "file_mb",
-    }
-)
+    print_fitted(columns, rows, title, stream, width=console.width if console is not None else None)
 
 
 def write_document(

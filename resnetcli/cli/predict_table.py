@@ -9,10 +9,10 @@ field; this table is only for reading.
 
 from __future__ import annotations
 
-import os
 from typing import IO, Optional
 
-from resnetcli.cli.output import escape_controls, escape_surrogates
+from resnetcli.cli.tables import terminal_width
+from resnetcli.cli.text import terminal_text
 
 #: What stands for the cut part of a shortened input or title.
 ELLIPSIS = "…"
@@ -35,36 +35,21 @@ def shorten_left(text: str, width: int) -> str:
     return ELLIPSIS + text[len(text) - width + 1 :]
 
 
-def _text(value: str) -> str:
-    return escape_controls(escape_surrogates(value))
-
-
-def table_width(stream: IO[str]) -> Optional[int]:
-    """The width to fit: the terminal's, else COLUMNS when set, else None (no limit off a terminal)."""
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
-        from rich.console import Console
-
-        return Console(file=stream).width
-    columns = os.environ.get("COLUMNS", "")
-    return int(columns) if columns.isdigit() and int(columns) > 0 else None
-
-
 def _reason(record: dict) -> str:
     error, prefix = record["error"], f"{record['input']}: "
     return error[len(prefix) :] if error.startswith(prefix) else error
 
 
 def print_predictions(records: list[dict], title: Optional[str], stream: IO[str], width: Optional[int] = None) -> None:
-    """Print prediction records as the terminal table, fitted to `width` (default: `table_width`)."""
+    """Print prediction records as the terminal table, fitted to `width` (default: the terminal's)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    width = width if width is not None else table_width(stream)
-    inputs = [_text(record["input"]) for record in records]
-    labels = [_text(record["top"][0]["label"]) for record in records if record.get("top")]
+    width = width if width is not None else terminal_width(stream)
+    inputs = [terminal_text(record["input"]) for record in records]
+    labels = [terminal_text(record["top"][0]["label"]) for record in records if record.get("top")]
     class_width = min(MAX_CLASS_WIDTH, max([len("class"), *map(len, labels)]))
     input_width = max([len("input"), *map(len, inputs)])
     show_next = any(len(record.get("top") or []) > 1 for record in records) or any("error" in r for r in records)
@@ -82,7 +67,7 @@ def print_predictions(records: list[dict], title: Optional[str], stream: IO[str]
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold", title_justify="left")
     if title:
-        table.title = shorten_left(_text(title), width) if width else _text(title)
+        table.title = shorten_left(terminal_text(title), width) if width else terminal_text(title)
     table.add_column("input", no_wrap=True, width=input_width if width else None)
     table.add_column("class", no_wrap=True, overflow="ellipsis", width=class_width if width else None)
     table.add_column("prob", justify="right", no_wrap=True, width=PROB_WIDTH)
@@ -92,7 +77,7 @@ def print_predictions(records: list[dict], title: Optional[str], stream: IO[str]
         name = Text(shorten_left(shown, input_width) if width else shown)
         if "error" in record:
             # An error's reason wraps inside its cell rather than being cut: the user needs all of it.
-            reason = Text(_text(_reason(record)), style="red", overflow="fold", no_wrap=False)
+            reason = Text(terminal_text(_reason(record)), style="red", overflow="fold", no_wrap=False)
             if show_next:
                 table.add_row(name, Text("error", style="red"), Text(""), reason)
             else:
@@ -102,9 +87,9 @@ def print_predictions(records: list[dict], title: Optional[str], stream: IO[str]
         if not top:
             cells = [name, Text("(none above --threshold)"), Text("")]
         else:
-            cells = [name, Text(_text(top[0]["label"])), Text(f"{top[0]['prob']:.4f}")]
+            cells = [name, Text(terminal_text(top[0]["label"])), Text(f"{top[0]['prob']:.4f}")]
         if show_next:
-            cells.append(Text(", ".join(f"{_text(s['label'])} {s['prob']:.4f}" for s in top[1:])))
+            cells.append(Text(", ".join(f"{terminal_text(s['label'])} {s['prob']:.4f}" for s in top[1:])))
         table.add_row(*cells)
     console = Console(
         file=stream, width=width if width else 100_000, no_color=not getattr(stream, "isatty", lambda: False)()

@@ -1,4 +1,5 @@
-"""Tables for the inspection commands that fit the terminal: numbers never break across lines.
+"""Every table a person reads (inspection, cache, export, eval, features): fitted to the terminal,
+numbers never break across lines.
 
 Like `gh` and `kubectl`, a table that is too wide for the terminal drops its least needed columns
 (the machine formats and `--wide` keep them all); numeric cells never wrap, and floats show the
@@ -11,11 +12,33 @@ import os
 import shutil
 from typing import IO, Any, Iterable, Sequence
 
-#: Decimals shown per column: accuracies as published (3), file sizes in MB (1), GFLOPS (2).
-DECIMALS = {"acc@1": 3, "acc@5": 3, "file_mb": 1, "gflops": 2, "prob": 4}
-#: Columns right-aligned and never wrapped.
+from resnetcli.cli.text import terminal_text
+
+#: Decimals shown per column: accuracies as published (3), file sizes in MB (1), GFLOPS (2),
+#: probabilities and losses (4), seconds (1); any other float gets 2.
+DECIMALS = {
+    "acc@1": 3,
+    "acc@5": 3,
+    "top-1": 3,
+    "top-5": 3,
+    "val top-1": 3,
+    "val_accuracy": 3,
+    "precision": 3,
+    "recall": 3,
+    "f1": 3,
+    "file_mb": 1,
+    "gflops": 2,
+    "prob": 4,
+    "train_loss": 4,
+    "seconds": 1,
+}
+#: Columns right-aligned and never wrapped (besides any column whose values are all numbers).
 NUMERIC = frozenset(
     {
+        "rank",
+        "index",
+        "prob",
+        "size",
         "params",
         "mult_adds",
         "acc@1",
@@ -59,7 +82,25 @@ def display(column: str, value: Any) -> str:
         return f"{value:,.{DECIMALS.get(column, 2)}f}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]"
-    return str(value)
+    return terminal_text(str(value))
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_columns(columns: Sequence[str], rows: Sequence[dict]) -> set[str]:
+    """The columns to right-align and never wrap: the known numeric ones, and those whose every
+    value is a number (eval's confusion matrix, whose columns are class names)."""
+    return {
+        column
+        for column in columns
+        if column in NUMERIC
+        or (
+            any(row.get(column) is not None for row in rows)
+            and all(is_number(row.get(column)) for row in rows if row.get(column) is not None)
+        )
+    }
 
 
 def table_width(widths: Sequence[int]) -> int:
@@ -103,6 +144,8 @@ def print_fitted(
     from rich.text import Text
 
     width = terminal_width(stream) if width is None and fit else width
+    rows = list(rows)
+    numeric = numeric_columns(columns, rows)
     cells = [{c: display(c, row.get(c)) for c in columns} for row in rows]
     shown = fit_columns(columns, cells, width, drop if fit else ())
     dropped = [c for c in columns if c not in shown]
@@ -111,9 +154,11 @@ def print_fitted(
         footer = f"{footer}\n{note}" if footer else note
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in shown:
-        numeric = column in NUMERIC
         table.add_column(
-            column, justify="right" if numeric else "left", no_wrap=numeric or column in SHAPES, overflow="fold"
+            column,
+            justify="right" if column in numeric else "left",
+            no_wrap=column in numeric or column in SHAPES,
+            overflow="fold",
         )
     for row in cells:
         # Text, not markup: a cell such as "[resnet50:IMAGENET1K_V2]" must not be read as a rich tag.
