@@ -160,6 +160,8 @@ class Trainer:
             self.elapsed = float(payload["metrics"]["seconds"])
             self.head = find_head(loaded.model, len(self.classes))
         else:
+            if config.input_size is not None and config.arch is not None:
+                check_input_size(factory.resolve_architecture(config.arch), config.input_size)  # before any load
             torch.manual_seed(config.seed)
             loaded = factory.load_model(
                 config.arch,

@@ -52,6 +52,14 @@ WorkersOption = Annotated[
     typer.Option("--workers", "-j", min=1, help="Threads decoding images (default: one per core, at most 8)."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Threads torch uses inside each operation (default: the CPUs this process may run on), as for predict.",
+    ),
+]
 StrictOption = Annotated[
     bool, typer.Option("--strict", help="Stop at the first image that cannot be read (exit code 1).")
 ]
@@ -169,6 +177,7 @@ def finetune(
     ] = None,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the head's init, the shuffling, the split and augmentation.")
     ] = 0,
@@ -202,6 +211,7 @@ def finetune(
     --resume OUT.pth continues from it. `resnet predict`, `summary` and `eval` read OUT.pth.
     """
     from resnetcli.datasets import load_split
+    from resnetcli.fastpath import configure_threads
     from resnetcli.finetune import FinetuneConfig, Trainer
     from resnetcli.inference import resolve_device
     from resnetcli.predict import default_workers
@@ -210,6 +220,7 @@ def finetune(
         raise UsageError(f"--output {output}: the folder {output.parent} does not exist")
 
     split = load_split(data, val_split=val_split, seed=seed)
+    configure_threads(threads)
     config = FinetuneConfig(
         arch=arch,
         weights=weights,
@@ -242,9 +253,12 @@ def finetune(
             on_skip=on_skip,
         )
     if resume is not None and (
-        arch and arch != trainer.arch
-        or train is not None and train.value != trainer.config.train.value
-        or input_size is not None and input_size != trainer.transforms.crop_size[0]
+        arch
+        and arch != trainer.arch
+        or train is not None
+        and train.value != trainer.config.train.value
+        or input_size is not None
+        and input_size != trainer.transforms.crop_size[0]
     ):
         saved = f"{trainer.arch}, --train {trainer.config.train.value}, --input-size {trainer.transforms.crop_size[0]}"
         warn(f"--resume: continuing as saved ({saved})")
@@ -287,6 +301,7 @@ def evaluate_command(
     batch_size: BatchOption = 16,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     plot: Annotated[
         Optional[Path],
         typer.Option("--plot", dir_okay=False, help="Draw the confusion matrix into this PNG (needs resnetcli[plot])."),
@@ -301,6 +316,11 @@ def evaluate_command(
     DATA's val/ is used if it has one, else every image. Class folder names must be class names of
     the model (ImageNet category names, or a fine-tuned checkpoint's classes).
     """
+    if plot is not None:  # before anything slow is imported or loaded
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'resnetcli[plot]'") from None
     from resnetcli.datasets import load_eval_set
     from resnetcli.evaluate import evaluate, plot_confusion
     from resnetcli.factory import load_model
@@ -309,13 +329,8 @@ def evaluate_command(
 
     samples = load_eval_set(data)
     chosen_device = resolve_device(device)
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install 'resnetcli[plot]'") from None
     # The model side exactly as `resnet predict` settles it, so that eval scores predict's answers.
-    configure_threads(None)
+    configure_threads(threads)
     with download_progress() as on_progress:
         loaded = load_model(
             arch,
