@@ -444,6 +444,16 @@ def test_summary_shows_the_new_head(app, trained):
     assert f"resnet18 ({out})" in table.stdout
     fc_rows = [line for line in table.stdout.splitlines() if "Linear" in line]
     assert len(fc_rows) == 1 and " fc " in fc_rows[0] and "[1, 3]" in fc_rows[0] and "1,539" in fc_rows[0]
+    # MODEL left out: OUT.pth names its architecture.
+    alone = run(app, "summary", "--weights", str(out), "--depth", "1", "--format", "table")
+    assert alone.exit_code == 0, alone.stderr
+    assert alone.stdout == table.stdout
+    missing = run(app, "summary", "--depth", "1")
+    assert missing.exit_code == 2
+    assert (
+        missing.stderr.strip()
+        == "resnet: error: summary needs MODEL, or --weights CHECKPOINT that names its architecture"
+    )
 
 
 def test_eval_plot_writes_a_png(app, dataset, trained, tmp_path):
