@@ -1,9 +1,10 @@
 """Scoring a classifier on a labelled image set: top-1/top-5, per-class metrics, confusion matrix, errors.
 
-The images go through `resnetcli.predict.predict`, the pipeline of `resnet predict` (same decoder,
-preprocessing, batching and fast path), so eval's predictions are exactly predict's for the same
-files. Class folder names are matched to the model's class names (a 1000-class ImageNet model's
-category names, a fine-tuned checkpoint's stored classes).
+The images go through `resnetcli.predict.predict` with a `predict.Classifier` made as `resnet predict`
+makes it (`inference.torch_classifier`: same decoder, preprocessing, batching and fast path), so
+eval's predictions are exactly predict's for the same files. Class folder names are matched to the
+model's class names (a 1000-class ImageNet model's category names, a fine-tuned checkpoint's stored
+classes).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from resnetcli.datasets import Sample
 from resnetcli.errors import InputError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from resnetcli.factory import LoadedModel
+    from resnetcli.predict import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +153,18 @@ def score(
 
 
 def evaluate(
-    loaded: LoadedModel,
+    classifier: Classifier,
     samples: Sequence[Sample],
     *,
     batch_size: int = 16,
     workers: int | None = None,
-    device: str = "cpu",
     strict: bool = False,
     on_error: Callable[[str], None] = lambda message: None,
     on_result: Callable[[InputResult], None] = lambda result: None,
 ) -> Evaluation:
     """Classify every sample with predict's pipeline and score the predictions against their classes.
+
+    `classifier` comes from `inference.torch_classifier` (or any other runtime's) as for `resnet predict`.
 
     An unreadable image is reported through `on_error` and left out of the scores (with `strict`,
     it stops the evaluation with InputError).
@@ -172,19 +174,18 @@ def evaluate(
 
     if not samples:
         raise UsageError("no images to evaluate")
-    indices = match_classes([s.label for s in samples], loaded.categories, f"{loaded.arch} ({loaded.weights.name})")
+    categories = classifier.categories
+    indices = match_classes([s.label for s in samples], categories, f"{classifier.arch} ({classifier.weights})")
     by_path = {s.path: s for s in samples}
     results: list[InputResult] = []
     skipped: list[str] = []
     predictions = predict(
-        loaded,
+        classifier,
         (Input(s.path) for s in samples),
-        top=min(TOP_K, len(loaded.categories)),
+        top=min(TOP_K, len(categories)),
         batch_size=batch_size,
         workers=workers,
-        device=device,
         offline=True,
-        expected_count=len(samples),
     )
     try:
         for prediction in predictions:
@@ -199,7 +200,7 @@ def evaluate(
             best = prediction.top[0]
             result = InputResult(
                 input=prediction.input,
-                label=loaded.categories[true_index],
+                label=categories[true_index],
                 predicted=best.label,
                 prob=best.prob,
                 correct=best.index == true_index,
@@ -209,7 +210,7 @@ def evaluate(
             on_result(result)
     finally:
         predictions.close()
-    return score(loaded.arch, loaded.weights.name, results, loaded.categories, skipped)
+    return score(classifier.arch, classifier.weights, results, categories, skipped)
 
 
 def plot_confusion(evaluation: Evaluation, path: Path) -> None:

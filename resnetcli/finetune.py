@@ -23,15 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from resnetcli import __version__, factory
 from resnetcli.datasets import ImageReader, Sample, Split, augmentation
 from resnetcli.errors import UsageError
-from resnetcli.finetuned import (
-    FORMAT,
-    base_weights_name,
-    load_finetuned,
-    preprocessing_record,
-    read_checkpoint,
-    save_checkpoint,
-)
+from resnetcli.finetuned import FORMAT, base_weights_name, preprocessing_record, read_checkpoint, save_checkpoint
 from resnetcli.heads import TrainMode, find_head, replace_head, set_trainable, trainable_names
+from resnetcli.inference import choose_transforms
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -41,9 +35,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """The choices of one `resnet finetune` run."""
+    """The choices of one `resnet finetune` run. `arch` None: the --weights checkpoint's own architecture
+    (a fine-tuned or torchvision-reference checkpoint), else factory.DEFAULT_ARCH. `input_size` trains (and
+    records for predict and eval) another centre-crop size than the weights' (`inference.choose_transforms`)."""
 
-    arch: str
+    arch: str | None
     weights: str = factory.DEFAULT_WEIGHTS
     train: TrainMode = TrainMode.head
     epochs: int = 10
@@ -54,6 +50,8 @@ class FinetuneConfig:
     seed: int = 0
     augment: bool = False
     strict: bool = False
+    input_size: int | None = None
+    trust_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,20 @@ def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:
     return min(epochs, key=lambda e: (e.train_loss, e.epoch))
 
 
+def check_input_size(arch: str, size: int) -> None:
+    """UsageError unless `arch` takes `size`-pixel inputs (a forward pass on the meta device: no memory, no
+    time); ViT's position embeddings, for one, fix its size."""
+    import torch
+
+    model = factory.meta_model(arch)
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, size, size, device="meta"))
+    except (RuntimeError, ValueError, AssertionError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--input-size {size}: {arch} cannot take {size}-pixel images ({first[:160]})") from None
+
+
 def _logits(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -142,16 +154,27 @@ class Trainer:
                     "seed": int(payload["seed"]),
                 }
             )
-            loaded = load_finetuned(resume, payload)
+            loaded = factory.load_model(None, str(resume))
             self.base_weights = payload["base_weights"]
             self.history = [EpochResult(**epoch) for epoch in payload["metrics"]["epochs"]]
             self.elapsed = float(payload["metrics"]["seconds"])
             self.head = find_head(loaded.model, len(self.classes))
         else:
+            if config.input_size is not None and config.arch is not None:
+                check_input_size(factory.resolve_architecture(config.arch), config.input_size)  # before any load
             torch.manual_seed(config.seed)
-            loaded = factory.load_model(config.arch, config.weights, settings=settings, on_progress=on_progress)
+            loaded = factory.load_model(
+                config.arch,
+                config.weights,
+                settings=settings,
+                on_progress=on_progress,
+                trust_checkpoint=config.trust_checkpoint,
+            )
             self.base_weights = base_weights_name(loaded.weights)
             self.head = replace_head(loaded.model, len(loaded.categories), len(self.classes), seed=config.seed)
+            if config.input_size is not None:
+                check_input_size(loaded.arch, config.input_size)
+                loaded.transforms = choose_transforms(loaded, input_size=config.input_size)
         self.arch = loaded.arch
         self.transforms = loaded.transforms
         self.model = loaded.model.to(config.device)

@@ -1,7 +1,9 @@
-"""The fine-tuned checkpoint format "resnetcli.finetune/1" (see TEAM.md): writing it atomically, reading it
-safely (weights_only=True), and the preprocessing and base-weights entries it records.
+"""The fine-tuned checkpoint format "resnetcli.finetune/1" (see TEAM.md): writing it atomically, reading the
+training state back for --resume (weights_only=True), and the preprocessing and base-weights entries it records.
 
-Nothing here imports torch at module level.
+The model itself is built from the file by the factory (`factory.load_model(None, path)`, which takes the
+architecture, classes and preprocessing from it), as for every other command. Nothing here imports torch at
+module level.
 """
 
 from __future__ import annotations
@@ -35,20 +37,6 @@ def preprocessing_record(transforms) -> dict:
     }
 
 
-def transforms_from(record: dict):
-    """torchvision's ImageClassification preprocessing from a checkpoint's "preprocessing" entry."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms._presets import ImageClassification
-
-    return ImageClassification(
-        crop_size=record["crop_size"],
-        resize_size=record["resize_size"],
-        mean=tuple(record["mean"]),
-        std=tuple(record["std"]),
-        interpolation=InterpolationMode(record["interpolation"]),
-    )
-
-
 def base_weights_name(choice: factory.WeightsChoice) -> str:
     """ "ResNet18_Weights.IMAGENET1K_V1", "none", a checkpoint file's sha256, or a URL."""
     if choice.pretrained is not None:
@@ -63,48 +51,63 @@ def base_weights_name(choice: factory.WeightsChoice) -> str:
 
 
 @contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back until the block is done, then raise KeyboardInterrupt.
+def interrupt_noted() -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as usual, and is also noted in the list yielded.
 
-    An interrupt inside torch.save can surface as another error raised while its zip writer
-    unwinds; deferring it keeps the save whole and the exit code 130. Only the main thread can
-    handle signals: elsewhere this does nothing.
+    torch.save's zip writer, interrupted mid-write, can replace the KeyboardInterrupt with an error of
+    its own while it unwinds; the note lets the caller turn that back into the interrupt (exit 130)
+    instead of reporting a write error. Only the main thread can handle signals: elsewhere nothing is noted.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
-        log.debug("Ctrl-C held back until the checkpoint was written")
-        raise KeyboardInterrupt
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file next to `path`, flushed to disk, then renamed over it: a reader
-    (or an interrupted run) only ever sees the previous complete file or the new complete one."""
+    (or an interrupted run) only ever sees the previous complete file or the new complete one.
+
+    Ctrl-C is not held back while the file is written (a 100 MB write and fsync on a busy disk can take
+    many seconds): it abandons the temporary file at once and OUT.pth stays the previous epoch's.
+    """
     import torch
 
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as stream, deferred_interrupt():
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+    with interrupt_noted() as interrupted:
+        try:
+            with open(temporary, "wb") as stream:
+                torch.save(payload, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
             os.replace(temporary, path)
-    except OSError as error:
-        raise UsageError(f"{path}: cannot write the checkpoint: {error.strerror or error}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
+            if interrupted:
+                log.debug("the interrupted checkpoint write ended with %r", error)
+                raise KeyboardInterrupt from None
+            if isinstance(error, OSError):
+                raise UsageError(f"{path}: cannot write the checkpoint: {error.strerror or error}") from None
+            raise
+        finally:
+            if temporary.exists():
+                temporary.unlink()
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A fine-tuned checkpoint's dict, loaded with weights_only=True; CheckpointError if it is not one."""
+    """A fine-tuned checkpoint's dict (its training state: optimizer, epoch, metrics, seed), loaded with
+    weights_only=True; CheckpointError if it is not one."""
     import pickle
 
     import torch
@@ -116,27 +119,3 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint written by `resnet finetune`")
     return payload
-
-
-def is_finetuned_checkpoint(path: Path) -> bool:
-    """Whether a file is a fine-tuned checkpoint (memory-mapped: cheap however large the file)."""
-    import torch
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        log.debug("%s is not a fine-tuned checkpoint", path, exc_info=True)
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
-
-
-# TEMPORARY (finetune branch): the lead replaces this with the factory's fine-tuned checkpoint
-# reader at merge time; until then eval (and tests) load OUT.pth through it.
-def load_finetuned(path: Path, payload: dict | None = None) -> factory.LoadedModel:
-    """Build the model of a fine-tuned checkpoint: its architecture, head, classes and preprocessing."""
-    payload = payload if payload is not None else read_checkpoint(path)
-    arch = factory.resolve_architecture(payload["arch"])
-    choice = factory.WeightsChoice(arch, "checkpoint", path=Path(path))
-    loaded = factory.build_model(choice, state_dict=payload["state_dict"], labels=list(payload["classes"]))
-    loaded.transforms = transforms_from(payload["preprocessing"])
-    return loaded

@@ -135,8 +135,8 @@ def check_parses(argv: list[str], where: str) -> None:
 
 
 def with_placeholders(argv: list[str], folder: Path) -> list[str]:
-    """`argv` with the user's own files it names (photo.jpg, ft.pth, classes.txt, /media/usb/x.pth)
-    made into empty stand-ins under `folder`, so that the parser's existence checks see them.
+    """`argv` with the user's own files and folders it names (photo.jpg, ft.pth, classes.txt,
+    /media/usb/x.pth, photos/) made into empty stand-ins under `folder`, so that the parser's existence checks see them.
     Absolute paths are moved under `folder`; the repository's sample_images are linked there."""
     link = folder / "sample_images"
     if not link.exists():
@@ -153,6 +153,8 @@ def with_placeholders(argv: list[str], folder: Path) -> list[str]:
             path = folder / word
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
+        elif re.fullmatch(r"[\w.-]+/", word) and word != "sample_images/":  # the user's own folder: photos/
+            (folder / word).mkdir(parents=True, exist_ok=True)
         result.append(word)
     return result
 

@@ -74,14 +74,16 @@ EXAMPLES: dict[str, list[str]] = {
         "resnet predict sample_images/cat.jpg --weights resnet50.onnx",
     ],
     "finetune": [
-        "resnet finetune photos/ --arch resnet50 -o ft.pth",
-        "resnet finetune photos/ --arch resnet18 --train last-stage --epochs 5 -o ft.pth",
-        "resnet finetune photos/ --arch resnet18 --resume ft.pth -o ft.pth",
+        "resnet finetune photos/ --arch resnet50 -o pets.pth  # frozen backbone",
+        "resnet finetune photos/ -a resnet18 --train last-stage -e 5 -o pets.pth",
+        "resnet finetune pets.csv --val-split 0.2 --input-size 160 -o pets.pth",
+        "resnet finetune photos/ --resume pets.pth -o pets.pth  # after Ctrl-C",
     ],
     "eval": [
-        "resnet eval photos/ --arch resnet18 --weights ft.pth",
-        "resnet eval photos/ --arch resnet18 --weights ft.pth --format json",
-        "resnet eval photos/ --arch resnet18 --weights ft.pth --plot confusion.png",
+        "resnet eval photos/ --weights pets.pth  # OUT.pth names its classes",
+        "resnet eval photos/ --weights pets.pth --format json",
+        "resnet eval photos/ --weights pets.pth --plot confusion.png",
+        "resnet eval imagenet-val/ --arch resnet50  # folders named as its classes",
     ],
 }
 

@@ -54,6 +54,14 @@ ArchArgument = Annotated[
         show_default=False,
     ),
 ]
+SummaryModelArgument = Annotated[
+    Optional[str],
+    typer.Argument(
+        metavar="MODEL",
+        help="As for features; may be left out with --weights CHECKPOINT that names its architecture (OUT.pth).",
+        show_default=False,
+    ),
+]
 InspectWeightsOption = Annotated[
     Optional[str],
     typer.Option(
@@ -128,7 +136,7 @@ def _write_summary(fmt: OutputFormat, document: dict, chosen: list[str], params:
 
 @app.command()
 def summary(
-    arch: ArchArgument,
+    arch: SummaryModelArgument = None,
     input_size: InputSizeOption = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of the example input.")] = 1,
     depth: Annotated[int, typer.Option("--depth", "-d", min=0, help="How deep the layer tree goes.")] = 3,
@@ -156,6 +164,13 @@ def summary(
     from resnetcli import specs
     from resnetcli.shapes import parse_size
 
+    if arch is None:  # the checkpoint's own architecture (a fine-tuned OUT.pth, a reference train.py file)
+        from resnetcli.checkpoints import read_checkpoint
+
+        named = read_checkpoint(Path(weights), trust=trust_checkpoint).arch if weights else None
+        if named is None:
+            raise UsageError("summary needs MODEL, or --weights CHECKPOINT that names its architecture")
+        arch = named
     spec = specs.parse_spec(arch)
     fmt = choose_format(output_format, sys.stdout)
     if spec.kind == specs.ONNX:

@@ -11,7 +11,16 @@ from typing import Callable, Iterator, Optional
 import typer
 from typing_extensions import Annotated
 
-from resnetcli.cli.app import MirrorOption, OfflineOption, app, cache_settings, download_progress, say, warn
+from resnetcli.cli.app import (
+    MirrorOption,
+    OfflineOption,
+    TrustCheckpointOption,
+    app,
+    cache_settings,
+    download_progress,
+    say,
+    warn,
+)
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format, print_table
 from resnetcli.errors import ExitStatus, UsageError
 from resnetcli.heads import TrainMode  # torch-free: an Enum and functions that import torch when called
@@ -23,7 +32,8 @@ DataArgument = Annotated[
     Path,
     typer.Argument(
         exists=True,
-        help="A folder with one sub-folder of images per class (optionally inside train/ and val/), or a CSV/JSONL list of path,label.",
+        help="A folder with one sub-folder of images per class (optionally inside train/ and val/), "
+        "or a CSV/JSONL list of path,label.",
         show_default=False,
     ),
 ]
@@ -32,7 +42,8 @@ WeightsOption = Annotated[
     typer.Option(
         "--weights",
         "-w",
-        help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file or a URL.",
+        help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file (resnetcli's, "
+        "torchvision reference train.py's, Lightning's, .safetensors) or a URL.",
     ),
 ]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
@@ -41,6 +52,14 @@ WorkersOption = Annotated[
     typer.Option("--workers", "-j", min=1, help="Threads decoding images (default: one per core, at most 8)."),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Threads torch uses inside each operation (default: the CPUs this process may run on), as for predict.",
+    ),
+]
 StrictOption = Annotated[
     bool, typer.Option("--strict", help="Stop at the first image that cannot be read (exit code 1).")
 ]
@@ -59,8 +78,8 @@ EvalFormatOption = Annotated[
         "--format",
         "-f",
         case_sensitive=False,
-        help="table (default on a terminal); json (one document: accuracy, top5, classes, per_class, confusion_matrix, errors); "
-        "jsonl (default off a terminal), csv or tsv: one row per image.",
+        help="table (default on a terminal); json (one document: accuracy, top5, classes, per_class, "
+        "confusion_matrix, errors); jsonl (default off a terminal), csv or tsv: one row per image.",
     ),
 ]
 
@@ -127,16 +146,20 @@ def finetune(
     arch: Annotated[
         Optional[str],
         typer.Option(
-            "--arch", "-a", help="Architecture (`resnet list`); default resnet50, or the --resume checkpoint's."
+            "--arch",
+            "-a",
+            help="Architecture (`resnet list`); default: the --weights or --resume checkpoint's own, else resnet50.",
         ),
     ] = None,
     weights: WeightsOption = "DEFAULT",
+    trust_checkpoint: TrustCheckpointOption = False,
     train: Annotated[
         Optional[TrainMode],
         typer.Option(
             "--train",
             case_sensitive=False,
-            help="head: only the new head (backbone frozen; default); last-stage: also the last stage; all: everything.",
+            help="head: only the new head (backbone frozen; default); last-stage: also the last stage; "
+            "all: everything.",
         ),
     ] = None,
     epochs: Annotated[
@@ -144,8 +167,17 @@ def finetune(
     ] = 10,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam's learning rate.")] = 1e-3,
     batch_size: BatchOption = 32,
+    input_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--input-size",
+            min=16,
+            help="Centre-crop size to train at (default: the weights'); recorded in OUT.pth for predict and eval.",
+        ),
+    ] = None,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the head's init, the shuffling, the split and augmentation.")
     ] = 0,
@@ -179,15 +211,18 @@ def finetune(
     --resume OUT.pth continues from it. `resnet predict`, `summary` and `eval` read OUT.pth.
     """
     from resnetcli.datasets import load_split
+    from resnetcli.fastpath import configure_threads
     from resnetcli.finetune import FinetuneConfig, Trainer
-    from resnetcli.predict import default_workers, resolve_device
+    from resnetcli.inference import resolve_device
+    from resnetcli.predict import default_workers
 
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: the folder {output.parent} does not exist")
 
     split = load_split(data, val_split=val_split, seed=seed)
+    configure_threads(threads)
     config = FinetuneConfig(
-        arch=arch or "resnet50",
+        arch=arch,
         weights=weights,
         train=train or TrainMode.head,
         epochs=epochs,
@@ -198,6 +233,8 @@ def finetune(
         seed=seed,
         augment=augment,
         strict=strict,
+        input_size=input_size,
+        trust_checkpoint=trust_checkpoint,
     )
     skipped: list[str] = []
 
@@ -216,9 +253,15 @@ def finetune(
             on_skip=on_skip,
         )
     if resume is not None and (
-        arch and arch != trainer.arch or train is not None and train.value != trainer.config.train.value
+        arch
+        and arch != trainer.arch
+        or train is not None
+        and train.value != trainer.config.train.value
+        or input_size is not None
+        and input_size != trainer.transforms.crop_size[0]
     ):
-        warn(f"--resume: continuing as saved ({trainer.arch}, --train {trainer.config.train.value})")
+        saved = f"{trainer.arch}, --train {trainer.config.train.value}, --input-size {trainer.transforms.crop_size[0]}"
+        warn(f"--resume: continuing as saved ({saved})")
     started = time.monotonic()
     with _progress() as progress:
         result = trainer.run(progress.epoch, progress.phase)
@@ -251,12 +294,14 @@ def evaluate_command(
     data: DataArgument,
     arch: Annotated[
         Optional[str],
-        typer.Option("--arch", "-a", help="Architecture (default resnet50, or a fine-tuned checkpoint's)."),
+        typer.Option("--arch", "-a", help="Architecture; default: the checkpoint's own (OUT.pth's), else resnet50."),
     ] = None,
     weights: WeightsOption = "DEFAULT",
+    trust_checkpoint: TrustCheckpointOption = False,
     batch_size: BatchOption = 16,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
     plot: Annotated[
         Optional[Path],
         typer.Option("--plot", dir_okay=False, help="Draw the confusion matrix into this PNG (needs resnetcli[plot])."),
@@ -271,29 +316,29 @@ def evaluate_command(
     DATA's val/ is used if it has one, else every image. Class folder names must be class names of
     the model (ImageNet category names, or a fine-tuned checkpoint's classes).
     """
-    from resnetcli.datasets import load_eval_set
-    from resnetcli.evaluate import evaluate, plot_confusion
-    from resnetcli.factory import load_model
-    from resnetcli.finetuned import is_finetuned_checkpoint, load_finetuned
-    from resnetcli.predict import resolve_device
-
-    samples = load_eval_set(data)
-    chosen_device = resolve_device(device)
-    if plot is not None:
+    if plot is not None:  # before anything slow is imported or loaded
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'resnetcli[plot]'") from None
-    weights_path = Path(weights).expanduser()
-    if weights_path.is_file() and is_finetuned_checkpoint(weights_path):
-        loaded = load_finetuned(weights_path)
-        if arch is not None and arch.strip().lower() != loaded.arch:
-            warn(f"--arch {arch} ignored: {weights_path} is a fine-tuned {loaded.arch}")
-    else:
-        with download_progress() as on_progress:
-            loaded = load_model(
-                arch or "resnet50", weights, settings=cache_settings(offline, mirror), on_progress=on_progress
-            )
+    from resnetcli.datasets import load_eval_set
+    from resnetcli.evaluate import evaluate, plot_confusion
+    from resnetcli.factory import load_model
+    from resnetcli.fastpath import configure_threads
+    from resnetcli.inference import choose_transforms, resolve_device, torch_classifier
+
+    samples = load_eval_set(data)
+    chosen_device = resolve_device(device)
+    # The model side exactly as `resnet predict` settles it, so that eval scores predict's answers.
+    configure_threads(threads)
+    with download_progress() as on_progress:
+        loaded = load_model(
+            arch,
+            weights,
+            settings=cache_settings(offline, mirror),
+            on_progress=on_progress,
+            trust_checkpoint=trust_checkpoint,
+        )
     for note in loaded.notes:
         warn(note)
     fmt = choose_format(output_format, sys.stdout)
@@ -309,13 +354,19 @@ def evaluate_command(
         if fmt not in (OutputFormat.json, OutputFormat.table)
         else None
     )
+    classifier = torch_classifier(
+        loaded,
+        transforms=choose_transforms(loaded),
+        device=chosen_device,
+        batch_size=batch_size,
+        expected_count=len(samples),
+    )
     try:
         evaluation = evaluate(
-            loaded,
+            classifier,
             samples,
             batch_size=batch_size,
             workers=workers,
-            device=chosen_device,
             strict=strict,
             on_error=on_error,
             on_result=(lambda result: writer.write(result.record())) if writer else (lambda result: None),
