@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one repetition of a few photos: checks the script runs")
     parser.add_argument("--direct", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, help="rounds per pair (default 7; 3 with --quick)")
     parser.add_argument("images", nargs="*")
     args = parser.parse_args()
     if args.direct:
@@ -229,7 +230,7 @@ def main() -> None:
 
     from resnetcli.export import export
 
-    repeats = 1 if args.smoke else 3 if args.quick else 7
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 7)
     big_count = 8 if args.smoke else 64 if args.quick else 256
     small_count = 8 if args.smoke else 64
     small = f"{small_count} mixed photos, resnet18"

@@ -165,11 +165,13 @@ def test_export_cli_both_weights_forms_is_usage_error(runner, app, tmp_path):
 def test_onnxruntime_top5_matches_torch_pipeline(steered_export, ranked_checkpoint, sample_images):
     from resnetcli import factory
     from resnetcli.images import load_image
+    from resnetcli.inference import torch_classifier
     from resnetcli.onnxrt import open_classifier
     from resnetcli.predict import predict
 
     loaded = factory.load_model("resnet18", str(ranked_checkpoint))
-    torch_records = {Path(p.input).name: p for p in predict(loaded, [str(p) for p in sample_images], top=5)}
+    torch_side = torch_classifier(loaded)
+    torch_records = {Path(p.input).name: p for p in predict(torch_side, [str(p) for p in sample_images], top=5)}
     classifier = open_classifier(steered_export.path)
     batch = np.stack([classifier.preprocess(load_image(p)) for p in sample_images])
     probabilities = classifier.classify(batch)
