@@ -42,20 +42,28 @@ runpy.run_module("resnetcli", run_name="__main__", alter_sys=True)
 TORCH_SIDE = ("torch", "torchvision", "resnetcli.factory", "resnetcli.inference", "resnetcli.export")
 
 
-def run_cli(tmp_path: Path, *args: str, debug: bool = False) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """A real `python -m resnetcli` process; returns it and the torch-side modules it had loaded at exit."""
-    report = tmp_path / f"modules-{len(list(tmp_path.glob('modules-*')))}.json"
-    extra = {"RESNET_DEBUG": "1"} if debug else {}
+def run_cli(
+    tmp_path: Path, *args: str, debug: bool = False, home: Path | None = None
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """A real `python -m resnetcli` process; returns it and the torch-side modules it had loaded at exit.
+
+    Its caches are the test's (conftest's TORCH_HOME, XDG_CACHE_HOME), or folders under `home`."""
     import os
 
+    report = tmp_path / f"modules-{len(list(tmp_path.glob('modules-*')))}.json"
+    caches = (
+        {"TORCH_HOME": str(home / "torch"), "XDG_CACHE_HOME": str(home / "xdg")}
+        if home is not None
+        else {"TORCH_HOME": os.environ["TORCH_HOME"], "XDG_CACHE_HOME": os.environ["XDG_CACHE_HOME"]}
+    )
+    extra = {"RESNET_DEBUG": "1"} if debug else {}
     done = subprocess.run(
         [sys.executable, "-c", RUN_CLI, str(report), *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env_without_resnet(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra, TORCH_HOME=os.environ["TORCH_HOME"],
-                               XDG_CACHE_HOME=os.environ["XDG_CACHE_HOME"]),
-    )  # fmt: skip
+        env=env_without_resnet(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra, **caches),
+    )
     loaded = json.loads(report.read_text()) if report.exists() else []
     return done, [m for m in loaded if m.split(".")[0] in TORCH_SIDE[:2] or m in TORCH_SIDE]
 
@@ -93,10 +101,11 @@ def assert_same_records(ours: list[dict], theirs: list[dict], *, weights: str | 
 @pytest.fixture(scope="module")
 def torch_records(tmp_path_factory, ranked_checkpoint, batch_inputs) -> tuple[list[dict], str]:
     """The torch path's records and stderr for batch_inputs (exit code 1: two inputs fail)."""
+    folder = tmp_path_factory.mktemp("torch")
     done, modules = run_cli(
-        tmp_path_factory.mktemp("torch"),
+        folder,
         "predict", *batch_inputs, "--arch", "resnet18", "--weights", str(ranked_checkpoint), "--runtime", "torch",
-        "-f", "jsonl", "--workers", "2", "--batch-size", "3",
+        "-f", "jsonl", "--workers", "2", "--batch-size", "3", home=folder,
     )  # fmt: skip
     assert done.returncode == ExitStatus.INPUTS_FAILED, done.stderr
     assert "torch" in modules
@@ -160,13 +169,14 @@ def finetuned_ranked(tmp_path_factory, ranked_checkpoint) -> Path:
     from resnetcli.export import preprocessing_of
 
     path = tmp_path_factory.mktemp("finetuned") / "ranked-ft.pth"
+    spec = preprocessing_of(ResNet18_Weights.DEFAULT.transforms())
     torch.save(
         {
             "format": "resnetcli.finetune/1",
             "state_dict": torch.load(ranked_checkpoint, weights_only=True),
             "arch": "resnet18",
             "classes": [f"class {i}" for i in range(1000)],
-            "preprocessing": preprocessing_of(ResNet18_Weights.DEFAULT.transforms()).record(),
+            "preprocessing": {**spec.record(), "resize_size": spec.resize_size[0], "crop_size": spec.crop_size[0]},
             "base_weights": "none",
             "metrics": {},
             "resnetcli_version": "0.0.0",

@@ -23,6 +23,8 @@ EXAMPLES: dict[str, list[str]] = {
         "find photos -name '*.jpg' -print0 | resnet predict - --null -o labels.jsonl",
         "resnet predict photos/ --offline --shard 2/8 -o part-2.jsonl",
         "resnet predict photo.jpg --arch resnet18 --weights ft.pth --labels classes.txt",
+        "resnet predict photos/ --weights resnet50.onnx  # on ONNX Runtime, torch never imported",
+        "resnet predict photos/ --arch resnet50 --runtime onnxruntime  # export once into the cache",
     ],
     "summary": [
         "resnet summary resnet18  # layer tree to depth 3, totals",
@@ -46,6 +48,7 @@ EXAMPLES: dict[str, list[str]] = {
         "resnet fetch --from-file resnet50-11ad3fa6.pth resnet50  # a file carried in",
         "resnet fetch --url https://host.example/ft-3f2a9c1e.pth",
         "resnet fetch resnet50 --mirror https://mirror.example/weights",
+        "resnet fetch resnet50 --onnx  # and its ONNX export: predict then starts without torch",
     ],
     "cache": [
         "resnet cache list",
@@ -67,12 +70,13 @@ EXAMPLES: dict[str, list[str]] = {
         "resnet cache rm resnet18-f37072fd.pth resnet50-11ad3fa6.pth",
         "resnet cache rm --all  # every file, record and abandoned download",
     ],
-    # Commands of other branches (issues 11 and 12); checked by the tests once they are registered.
     "export": [
         "resnet export resnet50 -o resnet50.onnx",
-        "resnet export resnet18 --weights ft.pth -o ft.onnx",
-        "resnet predict sample_images/cat.jpg --weights resnet50.onnx",
+        "resnet export resnet18:IMAGENET1K_V1 --opset 18 -o resnet18.onnx",
+        "resnet export resnet18 --weights ft.pth -o ft.onnx  # a fine-tuned checkpoint",
+        "resnet export resnet18 --weights none --check-with photo.jpg -o random.onnx",
     ],
+    # Commands of another branch (issue 11); checked by the tests once they are registered.
     "finetune": [
         "resnet finetune photos/ --arch resnet50 -o ft.pth",
         "resnet finetune photos/ --arch resnet18 --train last-stage --epochs 5 -o ft.pth",
