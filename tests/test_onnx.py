@@ -475,7 +475,8 @@ print(json.dumps([str(found), info.weights, info.source_sha256,
 
 def test_pretrained_names_and_default_map_to_the_cached_export_without_torch(steered_export, checkpoint_dir):
     """No pretrained weights exist here, so the export is put in the cache by the cache's own
-    produce step; what is tested is the torch-free mapping of `--weights` values to it."""
+    produce step (the store's verified install); what is tested is the torch-free mapping of
+    `--weights` values to it."""
     import shutil
 
     from resnetcli import names
@@ -483,9 +484,12 @@ def test_pretrained_names_and_default_map_to_the_cached_export_without_torch(ste
 
     names.remember()  # the names file completion keeps
     sha = "ab" * 32
-    path = produce(
+    made = produce(
         export_file_name("resnet18", "IMAGENET1K_V1", sha), lambda p: shutil.copyfile(steered_export.path, p)
     )
+    path = made.path
+    assert (made.status, made.sha256, made.size) == ("exported", sha256_file(path), path.stat().st_size)
+    assert not [p for p in checkpoint_dir.iterdir() if p.name.endswith(".partial")]
     code = """
 import json, sys
 from resnetcli.onnxcache import find_export
