@@ -23,8 +23,6 @@ EXAMPLES: dict[str, list[str]] = {
         "find photos -name '*.jpg' -print0 | resnet predict - --null -o labels.jsonl",
         "resnet predict photos/ --offline --shard 2/8 -o part-2.jsonl",
         "resnet predict photo.jpg --arch resnet18 --weights ft.pth --labels classes.txt",
-        "resnet predict photos/ --weights resnet50.onnx  # on ONNX Runtime, torch never imported",
-        "resnet predict photos/ --arch resnet50 --runtime onnxruntime  # export once into the cache",
     ],
     "summary": [
         "resnet summary resnet18  # layer tree to depth 3, totals",
@@ -48,7 +46,7 @@ EXAMPLES: dict[str, list[str]] = {
         "resnet fetch --from-file resnet50-11ad3fa6.pth resnet50  # a file carried in",
         "resnet fetch --url https://host.example/ft-3f2a9c1e.pth",
         "resnet fetch resnet50 --mirror https://mirror.example/weights",
-        "resnet fetch resnet50 --onnx  # and its ONNX export: predict then starts without torch",
+        "resnet fetch resnet50 --onnx  # and its ONNX export, for torch-free runs",
     ],
     "cache": [
         "resnet cache list",
