@@ -212,6 +212,58 @@ def raw_inference(checkpoint: Path, model: Path, arch: str, images: int, batch_s
     )
 
 
+def runtimes(count: int, repeats: int) -> None:
+    """The large job on both runtimes of `resnet predict`, with the physical limit's parts (see --runtimes)."""
+    from resnetcli.export import export
+    from resnetcli.onnxrt import open_classifier
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        folder = Path(tmp)
+        env["TORCH_HOME"] = str(folder / "torch")
+        checkpoint = make_checkpoint("resnet50", folder)
+        model = export("resnet50", str(checkpoint), folder / "resnet50.onnx").path
+        photos = make_photos(folder / "photos", count)
+        common = ["-f", "jsonl", "--batch-size", "16", *map(str, photos)]
+        group = f"{count} mixed photos (0.1-10 MP), resnet50"
+        rows = compare_processes(
+            group,
+            {
+                "resnet predict, torch (traced graph)": [
+                    *RESNET, "predict", "--arch", "resnet50", "--weights", str(checkpoint), "--runtime", "torch",
+                    *common,
+                ],
+                "resnet predict --weights MODEL.onnx": [*RESNET, "predict", "--weights", str(model), *common],
+            },
+            repeats,
+            env,
+            images=count,
+        )  # fmt: skip
+        rows += raw_inference(checkpoint, model, "resnet50", 64, 16, repeats)
+        spec = open_classifier(model).info.preprocessing
+        decode_cs = decode_core_seconds(photos, spec)
+        infer_cs = inference_core_seconds(model, count, 16)
+        startup = startup_seconds(model, env, repeats)
+    limit = (decode_cs + infer_cs) / cores() + startup
+    measured = next(r.wall_s for r in rows if r.name == "resnet predict --weights MODEL.onnx")
+    print(markdown(rows))
+    print()
+    print(
+        f"physical limit = (decode+preprocess {decode_cs:.2f} core-s + inference {infer_cs:.2f} core-s)"
+        f" / {cores()} cores + start-up {startup:.2f} s = {limit:.2f} s; measured {measured:.2f} s"
+        f" = {measured / limit:.2f}x the limit"
+    )
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cores": cores(),
+        "load_average": os.getloadavg(),
+        "rows": [asdict(r) for r in rows],
+        "physical_limit": {"decode_core_s": decode_cs, "inference_core_s": infer_cs, "startup_s": startup,
+                           "limit_s": limit, "measured_s": measured},
+    }  # fmt: skip
+    (REPO / "bench" / "results" / "onnx-runtimes.json").write_text(json.dumps(result, indent=1))
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -221,15 +273,26 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one repetition of a few photos: checks the script runs")
     parser.add_argument("--direct", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, help="rounds per pair (default 7; 3 with --quick)")
+    parser.add_argument(
+        "--runtimes",
+        metavar="N",
+        type=int,
+        help="only the large job on N photos, resnet50: `resnet predict` on torch vs on ONNX Runtime (paired, "
+        "alternating), raw inference, and the physical-limit parts (no naive script: for a loaded machine)",
+    )
     parser.add_argument("images", nargs="*")
     args = parser.parse_args()
     if args.direct:
         direct(args.direct, args.images, args.batch_size)
         return
+    if args.runtimes:
+        runtimes(args.runtimes, args.repeats or 3)
+        return
 
     from resnetcli.export import export
 
-    repeats = 1 if args.smoke else 3 if args.quick else 7
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 7)
     big_count = 8 if args.smoke else 64 if args.quick else 256
     small_count = 8 if args.smoke else 64
     small = f"{small_count} mixed photos, resnet18"

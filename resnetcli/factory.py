@@ -176,9 +176,12 @@ def looks_like(state_dict: Mapping[str, torch.Tensor], exclude: str, hint: str |
         if any(0.9 * total <= count <= 1.1 * total for count in counts) and meta_buildable(entry.arch):
             candidates.append(entry.arch)
     for arch in dict.fromkeys(candidates):
-        if arch != exclude and arch in architecture_names():
-            if checkpoints.shapes_match(expected_shapes(arch), state_dict):
-                return arch
+        if (
+            arch != exclude
+            and arch in architecture_names()
+            and checkpoints.shapes_match(expected_shapes(arch), state_dict)
+        ):
+            return arch
     return None
 
 

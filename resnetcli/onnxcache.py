@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from resnetcli import cache, names
+from resnetcli import names, store
+from resnetcli.download import file_name_of
 from resnetcli.errors import UsageError
 from resnetcli.onnxmeta import DEFAULT_OPSET
 
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 #: The exporter settings in a cached export's name (resnetcli.export.EXPORTER, opset appended).
 EXPORTER_TAG = "dynamo"
 SUFFIX = ".onnx"
+#: `factory.DEFAULT_ARCH` (the factory imports torch): the architecture of `--weights NAME` without
+#: `--arch`. tests/test_onnx_predict.py checks that the two agree.
+DEFAULT_ARCH = "resnet50"
 
 
 def export_file_name(arch: str, label: str, source_sha256: str, opset: int = DEFAULT_OPSET) -> str:
@@ -47,7 +52,7 @@ def _defaults_file() -> Path:
         torchvision_version = version("torchvision")
     except PackageNotFoundError:
         torchvision_version = "unknown"
-    return cache.checkpoint_dir() / cache.RECORD_DIR / f"onnx-defaults-{torchvision_version}.json"
+    return store.checkpoint_dir() / store.RECORD_DIR / f"onnx-defaults-{torchvision_version}.json"
 
 
 def _read_defaults() -> dict[str, str]:
@@ -63,7 +68,7 @@ def _read_defaults() -> dict[str, str]:
 def _remember_default(arch: str, weights_name: str) -> None:
     path = _defaults_file()
     defaults = {**_read_defaults(), arch: weights_name}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}{cache.PARTIAL_SUFFIX}")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}{store.PARTIAL_SUFFIX}")
     try:
         temporary.write_text(json.dumps(defaults, indent=0, sort_keys=True))
         os.replace(temporary, path)
@@ -90,80 +95,138 @@ def _pretrained_label(arch: str, spec: str | None) -> str | None:
     return label
 
 
-def find_export(arch: str, weights: str | None = None, opset: int = DEFAULT_OPSET) -> Path | None:
-    """The cached export for ARCH and a `--weights` value, found without importing torch, or None.
+def _checkpoint_file(spec: str) -> Path | None:
+    """The checkpoint file a `--weights` value names, as the factory resolves it: a local path
+    first, else a bare file name in the weight cache (`resnet fetch --from-file`)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if spec == Path(spec).name and not spec.startswith("."):
+        cached = store.checkpoint_dir() / spec
+        if cached.is_file() and not cached.name.endswith(SUFFIX):
+            return cached
+    return None
 
-    The export found is checked like any cached file (size against its record, hash if it moved):
-    a damaged one raises WeightsUnavailable naming `resnet cache rm`.
+
+def lookup(arch: str | None, weights: str | None = None, opset: int = DEFAULT_OPSET) -> tuple[Path, str] | None:
+    """The cached export for ARCH and a `--weights` value, and the `weights` the torch path's records
+    would show (`factory.WeightsChoice.name`: the weights name, the checkpoint's path, the URL);
+    found without importing torch, or None.
+
+    `arch` None means what `load_model` does: the checkpoint's own architecture, which for a
+    checkpoint or URL is the one its export was made with (the source's sha256 is in the name, the
+    architecture is not needed to find it), and DEFAULT_ARCH for pretrained names. The export found
+    is checked like any cached file (size against its record, hash if it moved): a damaged one
+    raises WeightsUnavailable naming `resnet cache rm`.
     """
-    arch = arch.strip().lower()
-    folder = cache.checkpoint_dir()
+    folder = store.checkpoint_dir()
     tag = f"{EXPORTER_TAG}_opset{opset}{SUFFIX}"
+    wanted = arch.strip().lower() if arch else "*"
     spec = weights.strip() if weights is not None else None
     if spec is not None and spec.lower() == "none":
         return None
     if spec is not None and spec.lower().startswith(("http://", "https://")):
-        record = cache.read_record(folder / cache.file_name_of(spec))
+        record = store.read_record(folder / file_name_of(spec))
         if record is None:
             return None
-        candidates = [folder / export_file_name(arch, "url", record["sha256"], opset)]
-    elif spec is not None and Path(spec).expanduser().is_file():
-        candidates = [folder / export_file_name(arch, "file", cache.sha256_of(Path(spec).expanduser()), opset)]
+        shown, pattern = spec, f"{wanted}.url.{record['sha256'][:16]}.{tag}"
+    elif spec is not None and (checkpoint := _checkpoint_file(spec)) is not None:
+        record = store.read_record(checkpoint) if checkpoint.parent == folder else None
+        sha = record["sha256"] if record is not None else store.sha256_of(checkpoint)
+        shown, pattern = str(checkpoint), f"{wanted}.file.{sha[:16]}.{tag}"
     else:
+        arch = (arch or DEFAULT_ARCH).strip().lower()
         label = _pretrained_label(arch, spec)
         if label is None:
             return None
-        candidates = sorted(folder.glob(f"{arch}.{label}.*.{tag}")) if folder.is_dir() else []
-    found = [path for path in candidates if path.is_file()]
+        shown, pattern = label, f"{arch}.{label}.*.{tag}"
+    found = sorted(path for path in folder.glob(pattern) if path.is_file()) if folder.is_dir() else []
     if len(found) != 1:
         if len(found) > 1:
             log.debug("several cached exports match %s %s: %s; exporting again", arch, weights, found)
         return None
-    cache.check_cached_file(found[0])
-    return found[0]
+    store.check_cached_file(found[0])
+    return found[0], shown
 
 
-def produce(file_name: str, write: Callable[[Path], None]) -> Path:
-    """Make a file in the weight cache with a download's discipline: under the file's lock, written
-    by `write` to a unique partial file, hashed, recorded and renamed into place; another process
-    that made it meanwhile is reused. (Built on resnetcli.cache's lock and install steps; the
-    store's public version of this goes in with the predict wiring.)"""
-    folder = cache.checkpoint_dir()
-    cache._cache_folder_ready(folder)
-    target = folder / file_name
-    with cache._file_lock(folder, file_name):
-        if target.is_file():
-            cache.check_cached_file(target)
-            return target
-        cache._remove_stale_partials(folder, file_name)
-        partial = cache._new_partial(folder, file_name)
+def find_export(arch: str | None, weights: str | None = None, opset: int = DEFAULT_OPSET) -> Path | None:
+    """The cached export for ARCH and a `--weights` value (see `lookup`), or None."""
+    found = lookup(arch, weights, opset)
+    return found[0] if found is not None else None
+
+
+_EXPORT_NAME = re.compile(
+    rf"^(?P<arch>[^.]+)\.(?P<label>[^.]+)\.[0-9a-f]{{16}}\.(?P<exporter>[a-z]+)_opset(?P<opset>\d+){re.escape(SUFFIX)}$"
+)
+
+
+def describe_export(file_name: str) -> str | None:
+    """What `cache list` shows for a cached export's file name: `resnet50:IMAGENET1K_V2 (ONNX, opset 18)`,
+    `resnet18:checkpoint file (ONNX, opset 18)`; None for any other file."""
+    match = _EXPORT_NAME.match(file_name)
+    if match is None:
+        return None
+    label = {"file": "checkpoint file", "url": "URL"}.get(match["label"], match["label"])
+    return f"{match['arch']}:{label} (ONNX, opset {match['opset']})"
+
+
+def produce(file_name: str, write: Callable[[Path], None]) -> store.CachedFile:
+    """Make a file in the weight cache through the store's one verified-install path
+    (`store.store_verified`): under the file's lock, `write` fills a scratch partial file in the
+    cache folder, which is then copied to the store's own partial file, hashed, recorded and renamed
+    into place; a file another process made meanwhile is checked and reused ("already cached").
+
+    The copy costs one more write of the file (~0.1 s for resnet50's 100 MB here, against 3-20 s
+    for an export) and keeps a single way into the cache. A scratch file left by a killed process
+    is named like a partial of `file_name`, so the next holder of the lock removes it.
+    """
+    folder = store.checkpoint_dir()
+
+    def open_source() -> store.Source:
+        scratch = store.new_partial(folder, file_name)
         try:
-            write(partial)
-            cache._install(partial, target, cache.sha256_of(partial), None)
-        finally:
-            partial.unlink(missing_ok=True)
-    return target
+            write(scratch)
+            handle = open(scratch, "rb")  # noqa: SIM115 - closed by the Source's close()
+        except BaseException:
+            scratch.unlink(missing_ok=True)
+            raise
+
+        def close() -> None:
+            handle.close()
+            scratch.unlink(missing_ok=True)
+
+        return store.Source(name=str(folder / file_name), read=handle.read, close=close)
+
+    # No expected hash: the file is made here, not fetched; its sha256 is recorded as computed.
+    return store.store_verified(file_name, "", open_source, status="exported")
 
 
-def ensure_export(
-    arch: str,
+def cache_export(
+    arch: str | None,
     weights: str | None = None,
     *,
     opset: int = DEFAULT_OPSET,
     images: Sequence[Path] | None = None,
     settings=None,
     on_progress=None,
-) -> Path:
-    """The cached export of ARCH with `weights`: found without torch, or exported now (imports torch)."""
+) -> store.CachedFile:
+    """The cached export of ARCH with `weights` ("already cached": found without torch), or made now
+    ("exported": loads the model through the factory, which imports torch, and exports it).
+
+    `arch` None is the checkpoint's own architecture, as for `load_model`.
+    """
     found = find_export(arch, weights, opset)
     if found is not None:
-        return found
+        record = store.read_record(found)
+        return store.CachedFile(
+            found.name, found, found.stat().st_size, record["sha256"] if record else None, "already cached"
+        )
     from resnetcli import export, factory
 
-    choice = factory.resolve_weights(arch, weights)
+    choice = factory.resolve_weights(arch or factory.DEFAULT_ARCH, weights)
     if choice.kind == "none":
         raise UsageError(
-            "--runtime onnxruntime: random weights (--weights none) are not cached as an export; "
+            "random weights (--weights none) are not cached as an export; "
             "write one with `resnet export ARCH --weights none -o FILE.onnx` and pass that file"
         )
     # Exported with the model's own class names: --labels apply when the export is opened.
@@ -171,10 +234,15 @@ def ensure_export(
     source = export.source_sha256(loaded.weights)
     label = {"checkpoint": "file", "url": "url"}.get(loaded.weights.kind, loaded.weights.name)
     names.remember()
-    path = produce(
+    made = produce(
         export_file_name(loaded.arch, label, source, opset),
         lambda partial: export.export_loaded(loaded, partial, source_sha=source, opset=opset, images=images),
     )
     if loaded.weights.kind == "pretrained" and (weights is None or weights.strip().upper() == "DEFAULT"):
         _remember_default(loaded.arch, loaded.weights.name)
-    return path
+    return made
+
+
+def ensure_export(arch: str | None, weights: str | None = None, **options) -> Path:
+    """The path of `cache_export(arch, weights, **options)`."""
+    return cache_export(arch, weights, **options).path

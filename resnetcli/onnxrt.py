@@ -27,6 +27,8 @@ from resnetcli.onnxmeta import ModelInfo, Preprocessing
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from resnetcli.predict import Classifier as PipelineClassifier
+
 log = logging.getLogger(__name__)
 
 #: What to tell a user whose Python has no onnxruntime (the CPU wheel, about 17 MB).
@@ -259,3 +261,36 @@ def open_classifier(
         source = "the labels" if labels is not None else "its metadata"
         raise CheckpointError(f"{path}: the model predicts {classes} classes but {source} name {len(info.classes)}")
     return OnnxClassifier(path, info, session, input_name, outputs[0].name, fixed_batch)
+
+
+def pipeline_classifier(classifier: OnnxClassifier, *, weights: str | None = None) -> PipelineClassifier:
+    """The predict pipeline's `Classifier` for an ONNX Runtime classifier: Pillow+numpy preprocessing
+    in the decoder threads, batches stacked with numpy, the pipeline's numpy top-k (stable: ties in
+    index order). `weights` is what records show (default: the model file's path).
+
+    Images whose resize step would exceed Pillow's pixel limit are refused, as on the torch path.
+    """
+    import numpy as np
+
+    from resnetcli.images import check_resize
+    from resnetcli.predict import Classifier
+
+    spec = classifier.info.preprocessing
+    short_side = min(spec.resize_size)  # as the torch path checks it
+
+    def preprocess(image) -> np.ndarray:
+        if short_side is not None:
+            check_resize(image.size, short_side)
+        return classifier.preprocess(image)
+
+    def classify(arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return classifier.classify(np.stack(list(arrays)))
+
+    return Classifier(
+        arch=classifier.arch,
+        weights=weights if weights is not None else classifier.weights_name,
+        categories=tuple(classifier.categories),
+        preprocess=preprocess,
+        classify=classify,
+        details={"runtime": classifier.description, "model": str(classifier.path)},
+    )

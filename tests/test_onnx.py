@@ -165,11 +165,13 @@ def test_export_cli_both_weights_forms_is_usage_error(runner, app, tmp_path):
 def test_onnxruntime_top5_matches_torch_pipeline(steered_export, ranked_checkpoint, sample_images):
     from resnetcli import factory
     from resnetcli.images import load_image
+    from resnetcli.inference import torch_classifier
     from resnetcli.onnxrt import open_classifier
     from resnetcli.predict import predict
 
     loaded = factory.load_model("resnet18", str(ranked_checkpoint))
-    torch_records = {Path(p.input).name: p for p in predict(loaded, [str(p) for p in sample_images], top=5)}
+    torch_side = torch_classifier(loaded)
+    torch_records = {Path(p.input).name: p for p in predict(torch_side, [str(p) for p in sample_images], top=5)}
     classifier = open_classifier(steered_export.path)
     batch = np.stack([classifier.preprocess(load_image(p)) for p in sample_images])
     probabilities = classifier.classify(batch)
@@ -473,7 +475,8 @@ print(json.dumps([str(found), info.weights, info.source_sha256,
 
 def test_pretrained_names_and_default_map_to_the_cached_export_without_torch(steered_export, checkpoint_dir):
     """No pretrained weights exist here, so the export is put in the cache by the cache's own
-    produce step; what is tested is the torch-free mapping of `--weights` values to it."""
+    produce step (the store's verified install); what is tested is the torch-free mapping of
+    `--weights` values to it."""
     import shutil
 
     from resnetcli import names
@@ -481,9 +484,12 @@ def test_pretrained_names_and_default_map_to_the_cached_export_without_torch(ste
 
     names.remember()  # the names file completion keeps
     sha = "ab" * 32
-    path = produce(
+    made = produce(
         export_file_name("resnet18", "IMAGENET1K_V1", sha), lambda p: shutil.copyfile(steered_export.path, p)
     )
+    path = made.path
+    assert (made.status, made.sha256, made.size) == ("exported", sha256_file(path), path.stat().st_size)
+    assert not [p for p in checkpoint_dir.iterdir() if p.name.endswith(".partial")]
     code = """
 import json, sys
 from resnetcli.onnxcache import find_export

@@ -80,6 +80,14 @@ def fetch(
             "or under its own name.",
         ),
     ] = None,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx",
+            help="Also export each model to ONNX into the cache, so that `predict` runs it on ONNX Runtime "
+            "without importing torch.",
+        ),
+    ] = False,
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
@@ -112,6 +120,10 @@ def fetch(
         )
     settings = download.CacheSettings.from_env(offline=offline, mirror=mirror, timeout=timeout)
 
+    if onnx:
+        from resnetcli.onnxrt import require_onnxruntime
+
+        require_onnxruntime("--onnx")
     wanted = [
         _Wanted(
             spec,
@@ -146,18 +158,42 @@ def fetch(
                 writer.write({"name": item.name, "error": " ".join(str(error).split())})
                 continue
             say(f"{cached.status}: {item.name} -> {cached.path}")
-            writer.write(
-                {
-                    "name": item.name,
-                    "file": cached.name,
-                    "size": cached.size,
-                    "sha256": cached.sha256,
-                    "path": str(cached.path),
-                    "status": cached.status,
-                }
-            )
+            writer.write(_fetched(item.name, cached))
+            if onnx:  # --onnx: the export of what was just fetched, made once (`predict --runtime auto` finds it)
+                from resnetcli.onnxcache import cache_export
+
+                arch, source = _export_source(item, cached)
+                try:
+                    made = cache_export(arch, source, settings=settings, on_progress=on_progress)
+                except WeightsUnavailable as error:
+                    failed = True
+                    report_error(error)
+                    writer.write({"name": f"{item.name} (ONNX)", "error": " ".join(str(error).split())})
+                    continue
+                say(f"{made.status}: {item.name} (ONNX) -> {made.path}")
+                writer.write(_fetched(f"{item.name} (ONNX)", made))
     if failed:
         raise typer.Exit(int(ExitStatus.WEIGHTS_UNAVAILABLE))
+
+
+def _fetched(name: str, cached) -> dict:
+    return {
+        "name": name,
+        "file": cached.name,
+        "size": cached.size,
+        "sha256": cached.sha256,
+        "path": str(cached.path),
+        "status": cached.status,
+    }
+
+
+def _export_source(item: _Wanted, cached) -> tuple[Optional[str], str]:
+    """(ARCH, --weights value) to export for a fetched item: ARCH:WEIGHTS as named, a URL's or an
+    imported file's checkpoint with its own architecture (else resnet50, as `predict` takes it)."""
+    if item.mirrored:
+        arch, _, weights = item.name.partition(":")
+        return arch, weights
+    return None, item.url if item.url is not None else cached.name
 
 
 def _torchvision_weights(specs: list[str]):
@@ -224,10 +260,17 @@ def _empty_cache(fmt, columns: list[str]) -> bool:
 
 
 def _weights_labels() -> dict[str, list[str]]:
-    """Which torchvision ARCH:WEIGHTS each weights file name belongs to (the catalogue's one walk)."""
+    """Which torchvision ARCH:WEIGHTS each weights file name belongs to (the catalogue's one walk),
+    and what each cached ONNX export was made from (its name says: `resnet50:IMAGENET1K_V2 (ONNX, opset 18)`)."""
     from resnetcli.catalogue import weights_by_file_name
+    from resnetcli.inventory import cached_files
+    from resnetcli.onnxcache import describe_export
 
-    return weights_by_file_name()
+    labels = dict(weights_by_file_name())
+    for path in cached_files():
+        if (described := describe_export(path.name)) is not None:
+            labels[path.name] = [described]
+    return labels
 
 
 def _megabytes(size: int) -> str:

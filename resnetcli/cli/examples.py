@@ -46,6 +46,7 @@ EXAMPLES: dict[str, list[str]] = {
         "resnet fetch --from-file resnet50-11ad3fa6.pth resnet50  # a file carried in",
         "resnet fetch --url https://host.example/ft-3f2a9c1e.pth",
         "resnet fetch resnet50 --mirror https://mirror.example/weights",
+        "resnet fetch resnet50 --onnx  # and its ONNX export, for torch-free runs",
     ],
     "cache": [
         "resnet cache list",
@@ -67,12 +68,13 @@ EXAMPLES: dict[str, list[str]] = {
         "resnet cache rm resnet18-f37072fd.pth resnet50-11ad3fa6.pth",
         "resnet cache rm --all  # every file, record and abandoned download",
     ],
-    # Commands of other branches (issues 11 and 12); checked by the tests once they are registered.
     "export": [
         "resnet export resnet50 -o resnet50.onnx",
-        "resnet export resnet18 --weights ft.pth -o ft.onnx",
-        "resnet predict sample_images/cat.jpg --weights resnet50.onnx",
+        "resnet export resnet18:IMAGENET1K_V1 --opset 18 -o resnet18.onnx",
+        "resnet export resnet18 --weights ft.pth -o ft.onnx  # a fine-tuned checkpoint",
+        "resnet export resnet18 --weights none --check-with photo.jpg -o random.onnx",
     ],
+    # Commands of another branch (issue 11); checked by the tests once they are registered.
     "finetune": [
         "resnet finetune photos/ --arch resnet50 -o pets.pth  # frozen backbone",
         "resnet finetune photos/ -a resnet18 --train last-stage -e 5 -o pets.pth",

@@ -22,19 +22,8 @@ from resnetcli.onnxmeta import DEFAULT_OPSET, MIN_OPSET
 
 EXPORT_COLUMNS = ["path", "arch", "weights", "opset", "classes", "size", "max_abs_diff", "tolerance", "source_sha256"]
 
-EXPORT_EPILOG = """Examples:
 
-  resnet export resnet50 -o resnet50.onnx
-
-  resnet export resnet18:IMAGENET1K_V1 --opset 18 -o resnet18.onnx
-
-  resnet export resnet18 --weights finetuned.pt -o finetuned.onnx
-
-  resnet export resnet18 --weights none --check-with photo.jpg -o random.onnx
-"""
-
-
-@app.command(epilog=EXPORT_EPILOG)
+@app.command()
 def export(
     models: Annotated[
         str,

@@ -23,6 +23,13 @@ from resnetcli.cli.app import (
     warn,
 )
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
+from resnetcli.cli.predict_onnx import (  # --runtime, ONNX models
+    InterpolationOption,
+    MeanOption,
+    Runtime,
+    RuntimeOption,
+    StdOption,
+)
 from resnetcli.cli.predict_ray import (  # --engine ray
     ActorsOption,
     AddressOption,
@@ -214,6 +221,12 @@ def predict(
     output_format: FormatOption = None,
     offline: OfflineOption = False,
     mirror: MirrorOption = None,
+    # --- runtime (resnetcli/cli/predict_onnx.py) ---
+    runtime: RuntimeOption = Runtime.auto,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    interpolation: InterpolationOption = None,
+    # --- end runtime ---
     # --- engine ray (resnetcli/cli/predict_ray.py) ---
     engine: EngineOption = Engine.local,
     address: AddressOption = None,
@@ -248,10 +261,7 @@ def predict(
 
     from resnetcli.cli.outfile import RecordsOutput
     from resnetcli.cli.predict_table import print_predictions
-    from resnetcli.factory import load_model
-    from resnetcli.fastpath import configure_threads
     from resnetcli.foreign import is_spec
-    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
     from resnetcli.inputs import expand_inputs, parse_shard, take_shard
     from resnetcli.predict import predict as run_predictions
 
@@ -260,35 +270,28 @@ def predict(
 
         raise UsageError(f"--preprocess names torchvision weights; {arch} uses timm's data config or its checkpoint's")
     shard_spec = parse_shard(shard) if shard is not None else None
-    chosen_device = resolve_device(device)
-    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
     stdin = sys.stdin.buffer if "-" in inputs else None
     target = RecordsOutput(output)
     try:
         target.refuse_inputs(inputs, stdin)
-        configure_threads(threads)
         settings = cache_settings(offline, mirror)
+        # --- runtime: ONNX Runtime (resnetcli/cli/predict_onnx.py, never imports torch), else torch ---
+        from resnetcli.cli.predict_onnx import onnx_classifier
+
+        label_names = read_labels(labels) if labels else None
         with download_progress() as on_progress:
-            loaded = load_model(
-                arch,
-                weights,
-                labels=read_labels(labels) if labels else None,
-                settings=settings,
-                on_progress=on_progress,
-                trust_checkpoint=trust_checkpoint,
-            )
-        if preprocess is not None and arch is None:
-            preprocess_with = preprocessing_weights(loaded.arch, preprocess)
-        for note in loaded.notes:
-            warn(note)
-        # The model side is settled here, once; the pipeline below only runs it.
-        classifier = torch_classifier(
-            loaded,
-            transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
-            device=chosen_device,
-            batch_size=batch_size,
-            expected_count=counted_inputs(inputs, shard_spec),
-        )
+            classifier = onnx_classifier(
+                runtime, arch=arch, weights=weights, labels=label_names, preprocess=preprocess,
+                input_size=input_size, resize=resize, device=device, threads=threads, mean=mean, std=std,
+                interpolation=interpolation, settings=settings, on_progress=on_progress,
+            )  # fmt: skip
+        if classifier is None:
+            classifier = torch_side(
+                arch, weights, labels=label_names, trust_checkpoint=trust_checkpoint, preprocess=preprocess,
+                input_size=input_size, resize=resize, device=device, threads=threads, batch_size=batch_size,
+                expected_count=counted_inputs(inputs, shard_spec), settings=settings,
+            )  # fmt: skip
+        # --- end runtime ---
         cancel = threading.Event()
         items = expand_inputs(inputs, recursive=recursive, stdin=stdin, null=null, cancel=cancel)
         if shard_spec is not None:
@@ -335,3 +338,49 @@ def predict(
         raise
     if report.failed:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
+
+
+def torch_side(
+    arch: Optional[str],
+    weights: str,
+    *,
+    labels: Optional[list[str]],
+    trust_checkpoint: bool,
+    preprocess: Optional[str],
+    input_size: Optional[int],
+    resize: Optional[int],
+    device: str,
+    threads: Optional[int],
+    batch_size: int,
+    expected_count: Optional[int],
+    settings,
+):
+    """The pipeline's Classifier on torch: the model loaded through the factory, settled once."""
+    from resnetcli.factory import load_model
+    from resnetcli.fastpath import configure_threads
+    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
+
+    chosen_device = resolve_device(device)
+    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
+    configure_threads(threads)
+    with download_progress() as on_progress:
+        loaded = load_model(
+            arch,
+            weights,
+            labels=labels,
+            settings=settings,
+            on_progress=on_progress,
+            trust_checkpoint=trust_checkpoint,
+        )
+    if preprocess is not None and arch is None:
+        preprocess_with = preprocessing_weights(loaded.arch, preprocess)
+    for note in loaded.notes:
+        warn(note)
+    # The model side is settled here, once; the pipeline below only runs it.
+    return torch_classifier(
+        loaded,
+        transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
+        device=chosen_device,
+        batch_size=batch_size,
+        expected_count=expected_count,
+    )
