@@ -71,13 +71,16 @@ def test_help_at_80_columns_ends_with_the_examples(path):
 def test_usage_lines_read_like_a_well_kept_cli():
     assert "Usage: resnet predict [OPTIONS] INPUT..." in resnet("predict", "--help").stdout
     assert "Usage: resnet fetch [OPTIONS] [ARCH[:WEIGHTS]]..." in resnet("fetch", "--help").stdout
-    assert "Usage: resnet summary [OPTIONS] ARCH" in resnet("summary", "--help").stdout
+    assert "Usage: resnet summary [OPTIONS] [MODEL]" in resnet("summary", "--help").stdout
     top = resnet("predict", "--help").stdout
     # Value types click-style; flags without one.
     strict = next(line for line in top.splitlines() if "--strict" in line)
     assert strict.split("│")[1].split()[:1] == ["--strict"] and "Stop at the first" in strict
     assert any("--top" in line and "INTEGER [x>=1]" in line for line in top.splitlines())
-    assert any("--format" in line and "[table|json|jsonl|" in line for line in top.splitlines())
+    assert any("--format" in line and "FORMAT" in line for line in top.splitlines())
+    assert "One of: table, json, jsonl, csv, tsv." in " ".join(
+        line.strip("│ ") for line in top.splitlines() if line.startswith("│")
+    )
     root = resnet("--help").stdout
     version = next(line for line in root.splitlines() if "--version" in line)
     assert version.split()[1:4] == ["--version", "-V", "Show"]

@@ -182,6 +182,8 @@ def _value_name(param: TyperOption, ctx: typer.Context) -> str | None:
         return param.metavar
     shown = param.display_type(ctx).strip("<>")  # Typer's own: str, int range, table|json|..., file
     if "|" in shown:
+        if len(shown) > CHOICES_SHOWN_INLINE:  # a long list would break mid-word in the metavar column
+            return max(param.opts, key=len).lstrip("-").upper().replace("-", "_")
         return f"[{shown}]"
     kind = shown.split()[0]
     return {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN"}.get(kind, kind.upper())
@@ -206,10 +208,22 @@ class _HelpArgument(TyperArgument):
         return [name + ("..." if self.nargs != 1 and not name.endswith("...") else "")]
 
 
+#: Choices longer than this (e.g. `nearest|nearest-exact|bilinear|...`) are named in the help text
+#: rather than in the value column, which would fold them mid-word at 80 columns.
+CHOICES_SHOWN_INLINE = 20
+
+
 def _tidy(params: list) -> list:
     """Typer's parameters as _HelpOption/_HelpArgument: they add no state, only how help shows them."""
     for param in params:
         if type(param) is TyperOption:
+            choices = [str(getattr(c, "value", c)) for c in (param.type_descriptor.choices or ())]
+            if (
+                choices
+                and len("|".join(map(str, choices))) > CHOICES_SHOWN_INLINE
+                and "One of:" not in (param.help or "")
+            ):
+                param.help = f"{param.help or ''} One of: {', '.join(map(str, choices))}.".strip()
             param.__class__ = _HelpOption
         elif type(param) is TyperArgument:
             param.__class__ = _HelpArgument
@@ -355,6 +369,7 @@ FormatOption = Annotated[
     typer.Option(
         "--format",
         "-f",
+        rich_help_panel="Output",
         help="Output format. Default: a table on a terminal, jsonl when stdout is a pipe or file.",
         case_sensitive=False,
     ),
@@ -363,18 +378,24 @@ TrustCheckpointOption = Annotated[
     bool,
     typer.Option(
         "--trust-checkpoint",
+        rich_help_panel="Model",
         help="Load a --weights checkpoint that needs to run code from the file (weights_only=False): this RUNS THE "
         "FILE'S CODE; only for files from a source you trust.",
     ),
 ]
 OfflineOption = Annotated[
     bool,
-    typer.Option("--offline", help="Never touch the network; missing weights are an error (also RESNET_OFFLINE=1)."),
+    typer.Option(
+        "--offline",
+        rich_help_panel="Weights cache",
+        help="Never touch the network; missing weights are an error (also RESNET_OFFLINE=1).",
+    ),
 ]
 MirrorOption = Annotated[
     str | None,
     typer.Option(
         "--mirror",
+        rich_help_panel="Weights cache",
         metavar="BASE_URL",
         help="Download weights from this base URL instead of the official host (also RESNET_MIRROR).",
     ),

@@ -130,6 +130,7 @@ def predict(
         typer.Option(
             "--arch",
             "-a",
+            rich_help_panel="Model",
             help="Architecture: any torchvision classifier (`resnet list`), or a model spec: timm:NAME[.TAG], "
             "file.py:Name, pkg.mod:Name (docs/models.md); default: the checkpoint's own, else resnet50.",
         ),
@@ -139,36 +140,53 @@ def predict(
         typer.Option(
             "--weights",
             "-w",
+            rich_help_panel="Model",
             help="DEFAULT, a weights name (IMAGENET1K_V1, ...), `none` (random init), a checkpoint file (a path, or a "
             "file name in the weight cache; a local file wins) or a URL.",
         ),
     ] = "DEFAULT",
     trust_checkpoint: TrustCheckpointOption = False,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
+    top: Annotated[
+        int, typer.Option("--top", "-k", rich_help_panel="Output", min=1, help="How many classes to report per image.")
+    ] = 5,
     threshold: Annotated[
-        float, typer.Option("--threshold", min=0.0, max=1.0, help="Drop classes whose probability is below this.")
+        float,
+        typer.Option(
+            "--threshold",
+            rich_help_panel="Output",
+            min=0.0,
+            max=1.0,
+            help="Drop classes whose probability is below this.",
+        ),
     ] = 0.0,
     labels: Annotated[
         Optional[Path],
         typer.Option(
             "--labels",
+            rich_help_panel="Model",
             exists=True,
             dir_okay=False,
             help="Class names for a fine-tuned checkpoint: text (one per line) or JSON.",
         ),
     ] = None,
     recursive: Annotated[
-        bool, typer.Option("--recursive/--no-recursive", help="Search folders' sub-folders too.")
+        bool,
+        typer.Option("--recursive/--no-recursive", rich_help_panel="Inputs", help="Search folders' sub-folders too."),
     ] = True,
     null: Annotated[
-        bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).")
+        bool,
+        typer.Option("--null", "-0", rich_help_panel="Inputs", help="Paths on stdin are NUL-separated (find -print0)."),
     ] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first input that fails (exit code 1).")] = False,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", rich_help_panel="Inputs", help="Stop at the first input that fails (exit code 1)."),
+    ] = False,
     output: Annotated[
         Optional[Path],
         typer.Option(
             "--output",
             "-o",
+            rich_help_panel="Output",
             dir_okay=False,
             help="Write the records to this file instead of stdout (format from --format or the suffix, else jsonl).",
         ),
@@ -177,6 +195,7 @@ def predict(
         Optional[str],
         typer.Option(
             "--shard",
+            rich_help_panel="Inputs",
             metavar="I/N",
             help="Process only shard I of N (1 <= I <= N): the inputs at positions I-1, I-1+N, ...",
         ),
@@ -185,34 +204,48 @@ def predict(
         Optional[str],
         typer.Option(
             "--preprocess",
+            rich_help_panel="Preprocessing",
             metavar="WEIGHTS",
             help="Use the preprocessing of this weights name of the architecture "
             "(default: the weights' own, or DEFAULT's for a checkpoint).",
         ),
     ] = None,
     input_size: Annotated[
-        Optional[int], typer.Option("--input-size", min=1, help="Centre-crop size fed to the model.")
+        Optional[int],
+        typer.Option("--input-size", rich_help_panel="Preprocessing", min=1, help="Centre-crop size fed to the model."),
     ] = None,
     resize: Annotated[
-        Optional[int], typer.Option("--resize", min=1, help="Resize the shorter side to this before cropping.")
+        Optional[int],
+        typer.Option(
+            "--resize", rich_help_panel="Preprocessing", min=1, help="Resize the shorter side to this before cropping."
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", rich_help_panel="Performance", min=1, help="Images per forward pass.")
+    ] = 16,
     workers: Annotated[
         Optional[int],
         typer.Option(
             "--workers",
             "-j",
+            rich_help_panel="Performance",
             min=1,
             help="Threads decoding and preprocessing images (default: one per core, at most 8).",
         ),
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.")
+        str,
+        typer.Option(
+            "--device",
+            rich_help_panel="Performance",
+            help="auto, cpu, cuda, cuda:N or mps. auto picks CUDA, then MPS, then the CPU.",
+        ),
     ] = "auto",
     threads: Annotated[
         Optional[int],
         typer.Option(
             "--threads",
+            rich_help_panel="Performance",
             min=1,
             help="Threads torch uses inside each operation (default: the CPUs this process may run on, "
             "from its affinity mask and CPU quota).",

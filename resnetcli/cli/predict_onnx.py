@@ -52,26 +52,39 @@ RuntimeOption = Annotated[
     Runtime,
     typer.Option(
         "--runtime",
+        rich_help_panel="Model",
+        metavar="RUNTIME",
         case_sensitive=False,
-        help="auto: ONNX Runtime on a CPU when it is installed and the model's export is cached (`resnet fetch "
+        help="auto, torch or onnxruntime. auto: ONNX Runtime on a CPU when it is installed and the model's export "
+        "is cached (`resnet fetch "
         "ARCH --onnx`), else torch. onnxruntime: export once into the weight cache, then run it there.",
     ),
 ]
 MeanOption = Annotated[
     Optional[str],
     typer.Option(
-        "--mean", metavar="R,G,B", callback=_channels, help="Normalisation mean, for an ONNX model without metadata."
+        "--mean",
+        rich_help_panel="Preprocessing",
+        metavar="R,G,B",
+        callback=_channels,
+        help="Normalisation mean, for an ONNX model without metadata.",
     ),
 ]
 StdOption = Annotated[
     Optional[str],
     typer.Option(
-        "--std", metavar="R,G,B", callback=_channels, help="Normalisation std, for an ONNX model without metadata."
+        "--std",
+        rich_help_panel="Preprocessing",
+        metavar="R,G,B",
+        callback=_channels,
+        help="Normalisation std, for an ONNX model without metadata.",
     ),
 ]
 InterpolationOption = Annotated[
     Optional[Interpolation],
-    typer.Option("--interpolation", help="Resize filter, for an ONNX model without metadata."),
+    typer.Option(
+        "--interpolation", rich_help_panel="Preprocessing", help="Resize filter, for an ONNX model without metadata."
+    ),
 ]
 
 #: `--device` values that run on this machine's CPU without asking torch.

@@ -31,34 +31,51 @@ class Engine(str, Enum):
 EngineOption = Annotated[
     Engine,
     typer.Option(
-        "--engine", case_sensitive=False, help="local: this process. ray: Ray Data actors (needs resnetcli[ray])."
+        "--engine",
+        rich_help_panel="Scale-out (--engine ray)",
+        case_sensitive=False,
+        help="local: this process. ray: Ray Data actors (needs resnetcli\\[ray]).",
     ),
 ]
 AddressOption = Annotated[
     Optional[str],
     typer.Option(
-        "--address", metavar="auto|HOST:PORT|ray://HOST:PORT",
-        help="Ray cluster to run on (--engine ray). Default: start a local Ray instance sized to this machine.",
+        "--address", rich_help_panel="Scale-out (--engine ray)", metavar="ADDRESS",
+        help="Ray cluster to run on (--engine ray): auto, HOST:PORT or ray://HOST:PORT. "
+        "Default: start a local Ray instance sized to this machine.",
     ),
 ]  # fmt: skip
 ActorsOption = Annotated[
     Optional[int],
     typer.Option(
-        "--actors", min=1, help="Model actors (--engine ray). Default: the cluster's CPUs / --cpus-per-actor."
+        "--actors",
+        rich_help_panel="Scale-out (--engine ray)",
+        min=1,
+        help="Model actors (--engine ray). Default: the cluster's CPUs / --cpus-per-actor.",
     ),
 ]
 CpusPerActorOption = Annotated[
     float,
-    typer.Option("--cpus-per-actor", min=0.01, help="CPUs each actor reserves, and its torch threads (--engine ray)."),
+    typer.Option(
+        "--cpus-per-actor",
+        rich_help_panel="Scale-out (--engine ray)",
+        min=0.01,
+        help="CPUs each actor reserves, and its torch threads (--engine ray).",
+    ),
 ]
 GpusPerActorOption = Annotated[
     float,
-    typer.Option("--gpus-per-actor", min=0.0, help="GPUs each actor reserves (--engine ray); the model runs there."),
+    typer.Option(
+        "--gpus-per-actor",
+        rich_help_panel="Scale-out (--engine ray)",
+        min=0.0,
+        help="GPUs each actor reserves (--engine ray); the model runs there.",
+    ),
 ]
 OutputDirOption = Annotated[
     Optional[str],
     typer.Option(
-        "--output-dir", metavar="DIR|URI",
+        "--output-dir", rich_help_panel="Scale-out (--engine ray)", metavar="DIR|URI",
         help="--engine ray: have Ray write sharded JSONL files there (a new or empty folder) instead of streaming.",
     ),
 ]  # fmt: skip

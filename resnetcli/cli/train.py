@@ -304,7 +304,9 @@ def evaluate_command(
     threads: ThreadsOption = None,
     plot: Annotated[
         Optional[Path],
-        typer.Option("--plot", dir_okay=False, help="Draw the confusion matrix into this PNG (needs resnetcli[plot])."),
+        typer.Option(
+            "--plot", dir_okay=False, help="Draw the confusion matrix into this PNG (needs resnetcli\\[plot])."
+        ),
     ] = None,
     strict: StrictOption = False,
     output_format: EvalFormatOption = None,
