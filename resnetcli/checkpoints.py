@@ -9,7 +9,7 @@ Formats read, all without running code from the file (`torch.load(weights_only=T
   architecture;
 - Lightning-style `{"state_dict": ...}` whose keys carry the LightningModule's "model." prefix;
 - `.safetensors` files (timm, Hugging Face), whose declared shapes are read before any tensor;
-- resnetcli's fine-tuned format `"format": "resnetcli.finetune/1"` (see TEAM.md / docs): its
+- resnetcli's fine-tuned format `"format": "resnetcli.finetune/1"` (see docs/finetune.md): its
   architecture, class names and preprocessing come with it.
 
 A file that needs arbitrary code to unpickle is refused in one line naming the file; only

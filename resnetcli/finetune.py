@@ -8,7 +8,7 @@ epoch decodes and forwards every image.
 
 Every random choice is drawn from generators seeded by (`seed`, epoch): the same seed on the same
 machine gives the same weights, and a run resumed from its checkpoint ends exactly where the
-uninterrupted run would have. The checkpoint (format "resnetcli.finetune/1", see TEAM.md) is
+uninterrupted run would have. The checkpoint (format "resnetcli.finetune/1", see docs/finetune.md) is
 written after every epoch to a temporary file that is then renamed over OUT.pth.
 """
 

@@ -1,4 +1,4 @@
-"""The fine-tuned checkpoint format "resnetcli.finetune/1" (see TEAM.md): writing it atomically, reading the
+"""The fine-tuned checkpoint format "resnetcli.finetune/1" (docs/finetune.md): writing it atomically, reading the
 training state back for --resume (weights_only=True), and the preprocessing and base-weights entries it records.
 
 The model itself is built from the file by the factory (`factory.load_model(None, path)`, which takes the
