@@ -439,6 +439,8 @@ def test_output_order_is_input_order_whatever_batch_size_and_workers(runner, app
 
 def test_records_stream_while_inputs_are_still_arriving(tmp_path, soft_steered, photos):
     """The real command, read line by line: the first record comes out while stdin is still open."""
+    env = env_without_resnet(TORCH_HOME=str(tmp_path))
+    env.pop("PYTHONUNBUFFERED", None)  # stdout block-buffered as usual: PYTHONUNBUFFERED would hide a missing flush
     process = subprocess.Popen(
         [
             sys.executable,
@@ -457,7 +459,7 @@ def test_records_stream_while_inputs_are_still_arriving(tmp_path, soft_steered, 
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env=env_without_resnet(TORCH_HOME=str(tmp_path)),
+        env=env,
     )
     try:
         process.stdin.write(f"{photos['cat']}\n")
