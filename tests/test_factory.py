@@ -84,7 +84,8 @@ NOT_CHECKPOINTS = {
         "a JSON or text document",
     ),
     "photo.pth": (lambda p: p.write_bytes((REPO / "sample_images" / "cat.jpg").read_bytes()), "an image"),
-    "model.onnx": (_onnx_model, "an ONNX model (run it with ONNX Runtime, or give the PyTorch checkpoint)"),
+    # An ONNX model under a checkpoint's name (a file named *.onnx runs on ONNX Runtime instead: test_onnx_predict).
+    "exported.pth": (_onnx_model, "an ONNX model (run it with ONNX Runtime, or give the PyTorch checkpoint)"),
 }
 
 

@@ -70,13 +70,18 @@ def export(
     mirror: MirrorOption = None,
 ) -> None:
     """Export a classifier to ONNX with its classes and preprocessing, checked against torch on real photos."""
-    from resnetcli.cli.predict import read_labels
+    from resnetcli.catalogue import architecture_names
+    from resnetcli.cli.predict_records import read_labels
     from resnetcli.errors import UsageError
     from resnetcli.export import export as run_export
     from resnetcli.foreign import is_spec
 
-    # timm:NAME, file.py:Name and pkg.mod:Name keep their colon; their weights come from --weights.
-    arch, colon, spec_weights = (models, "", "") if is_spec(models) else models.partition(":")
+    # ARCH:WEIGHTS when ARCH is torchvision's (resnet18:IMAGENET1K_V1 also reads as module:Name);
+    # timm:NAME, file.py:Name and pkg.mod:Name keep their colon, their weights come from --weights.
+    head, colon, tail = models.partition(":")
+    if colon and head not in architecture_names() and is_spec(models):
+        head, colon, tail = models, "", ""
+    arch, spec_weights = head, tail
     if colon and weights is not None:
         raise UsageError(f"{models}: give the weights either as ARCH:WEIGHTS or with --weights, not both")
     if output.is_dir():
