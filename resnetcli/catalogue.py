@@ -12,13 +12,12 @@ imported inside the functions so that importing this module stays cheap.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from resnetcli.errors import UnknownArchitecture, UsageError
+from resnetcli.errors import UnknownArchitecture, UsageError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from torchvision.models import WeightsEnum
@@ -60,24 +59,6 @@ def _by_arch() -> dict[str, Entry]:
 def architecture_names() -> tuple[str, ...]:
     """Every image-classification architecture torchvision registers, sorted."""
     return tuple(entry.arch for entry in entries())
-
-
-def did_you_mean(word: str, choices: Iterable[str], *, fallback: str = "") -> str:
-    """The "did you mean" tail of an error message, shared by architecture and weights names.
-
-    Close spellings first (difflib, as `resnt50` -> `resnet50`); when there are none, the choices
-    that contain the word (`V2` -> `IMAGENET1K_V2`), compared case-insensitively. `fallback` is
-    the tail when nothing is similar.
-    """
-    choices = list(dict.fromkeys(choices))
-    folded = {choice.lower(): choice for choice in choices}
-    wanted = word.strip().lower()
-    close = [folded[c] for c in difflib.get_close_matches(wanted, list(folded), n=3, cutoff=0.6)]
-    if not close and len(wanted) >= 2:
-        close = [choice for choice in choices if wanted in choice.lower()][:3]
-    if not close:
-        return fallback
-    return "; did you mean " + ", ".join(repr(c) for c in close) + "?"
 
 
 def resolve_architecture(name: str) -> str:

@@ -6,6 +6,8 @@ Core modules raise these; the CLI turns them into one stderr line and an exit co
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from enum import IntEnum
 
 
@@ -67,3 +69,28 @@ class InputError(ResnetError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, fallback: str = "") -> str:
+    """The "did you mean" tail of an error message: the one rule of every name lookup (architectures,
+    weights, timm models, graph nodes, class names).
+
+    Close spellings first (difflib, as `resnt50` -> `resnet50`); when there are none, the choices
+    that contain the word (`V2` -> `IMAGENET1K_V2`), compared case-insensitively. `fallback` is
+    the tail when nothing is similar.
+    """
+    choices = list(dict.fromkeys(choices))
+    folded = {choice.lower(): choice for choice in choices}
+    wanted = word.strip().lower()
+    close = [folded[c] for c in difflib.get_close_matches(wanted, list(folded), n=3, cutoff=0.6)]
+    if not close and len(wanted) >= 2:
+        close = [choice for choice in choices if wanted in choice.lower()][:3]
+    if not close:
+        return fallback
+    return "; did you mean " + ", ".join(repr(c) for c in close) + "?"
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's text as one line (runs of white space, line breaks included, become one space):
+    what every message on stderr and every `error` field of a record shows."""
+    return " ".join(str(error).split()) or (type(error).__name__ if isinstance(error, BaseException) else "")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from resnetcli.datasets import Sample
-from resnetcli.errors import InputError, UsageError
+from resnetcli.errors import InputError, UsageError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from resnetcli.predict import Classifier
@@ -35,8 +35,6 @@ def _normalised(name: str) -> str:
 def match_classes(labels: Sequence[str], categories: Sequence[str], model_name: str) -> dict[str, int]:
     """The model's class index of each data class name: exact match first, then ignoring case and
     treating `_`, `-` and spaces alike (a folder `golden_retriever` is ImageNet's "golden retriever")."""
-    import difflib
-
     exact = {name: index for index, name in enumerate(categories)}
     loose: dict[str, int] = {}
     for index, name in enumerate(categories):
@@ -45,8 +43,7 @@ def match_classes(labels: Sequence[str], categories: Sequence[str], model_name: 
     for label in sorted(set(labels)):
         index = exact.get(label, loose.get(_normalised(label)))
         if index is None:
-            close = difflib.get_close_matches(label, list(categories), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(label, categories)
             shown = ", ".join(categories[:6]) + (", ..." if len(categories) > 6 else "")
             raise UsageError(f"class {label!r} of DATA is not a class of {model_name} ({shown}){hint}")
         matched[label] = index

@@ -27,6 +27,7 @@ from resnetcli.catalogue import (  # noqa: F401 - re-exported: the factory is wh
 )
 from resnetcli.checkpoints import Checkpoint, load_state_dict, read_checkpoint  # noqa: F401 - re-exported
 from resnetcli.errors import CheckpointError, UnknownWeights, UsageError
+from resnetcli.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -92,7 +93,7 @@ def resolve_weights(arch: str, spec: str | None = None) -> WeightsChoice:
     spec = spec.strip()
     if spec.lower() == NO_WEIGHTS:
         return WeightsChoice(arch, "none")
-    if spec.lower().startswith(("http://", "https://")):
+    if is_url(spec):
         return WeightsChoice(arch, "url", url=spec)
     member = spec.split(".")[-1].upper() if spec.startswith(enum.__name__ + ".") else spec.upper()
     if member in enum.__members__:

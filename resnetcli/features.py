@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from resnetcli.errors import UsageError
+from resnetcli.errors import UsageError, did_you_mean
 from resnetcli.factory import meta_model
 from resnetcli.shapes import check_save_path, default_input_size, input_hw, input_size_error, inspection_model
 
@@ -288,10 +288,7 @@ def _node_extractor(arch: str, model: torch.nn.Module, nodes: Mapping[str, str])
         log.debug("create_feature_extractor refused %s: %s", list(nodes), error)
         available = graph_nodes(model)
         unknown = [node for node in nodes if not any(n == node or n.startswith(node + ".") for n in available)]
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], available, n=3, cutoff=0.6) if unknown else []
-        suggestion = f"; did you mean {', '.join(close)}?" if close else ""
+        suggestion = did_you_mean(unknown[0], available) if unknown else ""
         raise UsageError(
             f"{arch} has no graph node {', '.join(unknown) or ', '.join(nodes)}{suggestion} "
             f"(`resnet features {arch} --list-nodes` lists them)"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from resnetcli import checkpoints, specs
 from resnetcli.errors import CheckpointError, UsageError, WeightsUnavailable
+from resnetcli.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -75,7 +76,7 @@ def weights_source(text: str, weights: str | None, cached: Path | None = None) -
     value = (weights or "").strip()
     if value.lower() == "none":
         return Source("none")
-    if value.lower().startswith(("http://", "https://")):
+    if is_url(value):
         return Source("url", url=value)
     if value and value.upper() != "DEFAULT":
         path = Path(value).expanduser()

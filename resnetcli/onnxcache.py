@@ -31,6 +31,7 @@ from resnetcli import names, store
 from resnetcli.download import file_name_of
 from resnetcli.errors import UsageError
 from resnetcli.onnxmeta import DEFAULT_OPSET
+from resnetcli.urls import is_url
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def lookup(arch: str | None, weights: str | None = None, opset: int = DEFAULT_OP
     spec = weights.strip() if weights is not None else None
     if spec is not None and spec.lower() == "none":
         return None
-    if spec is not None and spec.lower().startswith(("http://", "https://")):
+    if spec is not None and is_url(spec):
         record = store.read_record(folder / file_name_of(spec))
         if record is None:
             return None

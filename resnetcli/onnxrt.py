@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resnetcli.errors import CheckpointError, UsageError
+from resnetcli.errors import CheckpointError, UsageError, one_line
 from resnetcli.onnxmeta import ModelInfo, Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,7 +56,7 @@ def open_session(path: Path, threads: int | None = None, option: str = "--weight
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:
         log.debug("onnxruntime could not open %s", path, exc_info=True)
-        text = " ".join(str(error).split())
+        text = one_line(error)
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
         raise CheckpointError(f"{path}: not a readable ONNX model ({text[:200] or type(error).__name__})") from None
 

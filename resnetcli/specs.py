@@ -14,7 +14,6 @@ Nothing here imports torch at module level: parsing a spec stays cheap. `predict
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from resnetcli.errors import UsageError
+from resnetcli.errors import UsageError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +170,7 @@ def _create_timm(spec: ModelSpec, kwargs: dict):
         if "Unknown model" not in str(error):
             raise
         base = spec.name.split(".")[0]
-        close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (`resnet list 'timm:*'` lists them)"
+        hint = did_you_mean(base, timm.list_models(), fallback=" (`resnet list 'timm:*'` lists them)")
         raise UsageError(f"model spec {spec.text}: timm has no model {spec.name!r}{hint}") from error
 
 

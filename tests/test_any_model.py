@@ -335,7 +335,7 @@ def test_timm_list_and_unknown_name(runner, app, timm):
     assert defaults["timm:convnext_tiny"] == timm.create_model("convnext_tiny").pretrained_cfg["tag"]
     unknown = run(runner, app, "summary", "timm:convnxt_tiny")
     assert unknown.exit_code == 2
-    assert "timm has no model 'convnxt_tiny'; did you mean convnext_tiny" in one_line_error(unknown)
+    assert "timm has no model 'convnxt_tiny'; did you mean 'convnext_tiny'" in one_line_error(unknown)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from resnetcli import __version__
 from resnetcli.cli.examples import epilog
 from resnetcli.cli.helpstyle import ResnetCommand, tidy
 from resnetcli.cli.output import OutputFormat
-from resnetcli.errors import ExitStatus, ResnetError
+from resnetcli.errors import ExitStatus, ResnetError, one_line
 
 PROG = "resnet"
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def warn(message: str) -> None:
 
 def report_error(error: BaseException) -> None:
     """A domain error as one line on stderr; with --debug, followed by its full chain and tracebacks."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = one_line(error)
     say(f"error: {text}")
     if debug_enabled():
         report_traceback(error)

@@ -12,7 +12,7 @@ from typing_extensions import Annotated
 
 from resnetcli.cli.app import FormatOption, MirrorOption, OfflineOption, app, download_progress, report_error, say, warn
 from resnetcli.cli.output import OutputFormat, RecordWriter, choose_format
-from resnetcli.errors import ExitStatus
+from resnetcli.errors import ExitStatus, one_line
 
 FETCH_COLUMNS = ["name", "file", "size", "sha256", "path", "status", "error"]
 LIST_COLUMNS = ["file", "size", "weights", "sha256", "source", "path"]
@@ -155,7 +155,7 @@ def fetch(
             except WeightsUnavailable as error:
                 failed = True
                 report_error(error)
-                writer.write({"name": item.name, "error": " ".join(str(error).split())})
+                writer.write({"name": item.name, "error": one_line(error)})
                 continue
             say(f"{cached.status}: {item.name} -> {cached.path}")
             writer.write(_fetched(item.name, cached))
@@ -168,7 +168,7 @@ def fetch(
                 except WeightsUnavailable as error:
                     failed = True
                     report_error(error)
-                    writer.write({"name": f"{item.name} (ONNX)", "error": " ".join(str(error).split())})
+                    writer.write({"name": f"{item.name} (ONNX)", "error": one_line(error)})
                     continue
                 say(f"{made.status}: {item.name} (ONNX) -> {made.path}")
                 writer.write(_fetched(f"{item.name} (ONNX)", made))

@@ -21,6 +21,7 @@ from typing_extensions import Annotated
 
 from resnetcli.errors import UsageError
 from resnetcli.onnxmeta import INTERPOLATIONS
+from resnetcli.urls import is_url
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def onnx_file(weights: str) -> Optional[Path]:
     from resnetcli.store import checkpoint_dir
 
     text = weights.strip()
-    if not text.lower().endswith(".onnx") or text.lower().startswith(("http://", "https://")):
+    if not text.lower().endswith(".onnx") or is_url(text):
         return None
     path = Path(text).expanduser()
     if path.is_file():
