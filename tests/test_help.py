@@ -156,8 +156,17 @@ def test_completion_of_enum_values(tmp_path):
     assert complete("resnet cache ", XDG_CACHE_HOME=str(tmp_path)) == ["list", "verify", "rm"]
 
 
+def in_bash(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`resnet ARGS` as a user's shell runs it: Typer finds the shell among the parent processes
+    (shellingham), so a pytest started without a shell above it (cron, some CI runners) still works."""
+    command = " ".join(shlex.quote(word) for word in [sys.executable, "-m", "resnetcli", *args])
+    return subprocess.run(
+        ["bash", "-c", f"{command}; exit $?"], capture_output=True, text=True, cwd=REPO, env=env_80(**env), timeout=120
+    )
+
+
 def test_show_completion_prints_the_script_for_the_shell(tmp_path):
-    done = resnet("--show-completion", "bash", HOME=str(tmp_path), SHELL="/bin/bash")
+    done = in_bash("--show-completion", "bash", HOME=str(tmp_path), SHELL="/bin/bash")
     assert done.returncode == 0, done.stderr
     assert "_RESNET_COMPLETE=complete_bash" in done.stdout
     assert "complete -o default -F _resnet_completion resnet" in done.stdout.replace("-o nosort ", "")
@@ -165,11 +174,11 @@ def test_show_completion_prints_the_script_for_the_shell(tmp_path):
 
 
 def test_install_completion_writes_the_script_and_hooks_it_into_bashrc(tmp_path):
-    done = resnet("--install-completion", "bash", HOME=str(tmp_path), SHELL="/bin/bash")
+    done = in_bash("--install-completion", "bash", HOME=str(tmp_path), SHELL="/bin/bash")
     assert done.returncode == 0, done.stderr
     script = tmp_path / ".bash_completions" / "resnet.sh"
     assert script.is_file()
-    assert script.read_text().strip() == resnet("--show-completion", "bash", HOME=str(tmp_path)).stdout.strip()
+    assert script.read_text().strip() == in_bash("--show-completion", "bash", HOME=str(tmp_path)).stdout.strip()
     assert (tmp_path / ".bashrc").read_text().splitlines()[-1] == f"source '{script}'"
     # The installed script really completes: bash sources it and asks it for `resnet cache <TAB>`.
     probe = (
