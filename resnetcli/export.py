@@ -39,8 +39,9 @@ RTOL = 1e-4
 #: Batch size of the example input traced for export. It is not 1 (torch.export would specialise
 #: the batch dimension to a constant) and differs from the check batches below.
 EXAMPLE_BATCH = 2
-#: The sample photos shipped in the repository: the real batch the export is checked on.
-SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
+#: The sample photos shipped with the package (the repository's `sample_images/` links here): the
+#: real batch an export is checked on when no `--check-with` photos are given.
+SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 
 
 @dataclass(frozen=True)
