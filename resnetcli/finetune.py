@@ -24,6 +24,7 @@ from resnetcli import __version__, factory
 from resnetcli.datasets import ImageReader, Sample, Split, augmentation
 from resnetcli.errors import UsageError
 from resnetcli.finetuned import FORMAT, base_weights_name, preprocessing_record, read_checkpoint, save_checkpoint
+from resnetcli.foreign import is_spec
 from resnetcli.heads import TrainMode, find_head, replace_head, set_trainable, trainable_names
 from resnetcli.inference import choose_transforms
 
@@ -100,15 +101,17 @@ def best_epoch(epochs: Sequence[EpochResult]) -> EpochResult:
     return min(epochs, key=lambda e: (e.train_loss, e.epoch))
 
 
-def check_input_size(arch: str, size: int) -> None:
+def check_input_size(arch: str, size: int, model=None) -> None:
     """UsageError unless `arch` takes `size`-pixel inputs (a forward pass on the meta device: no memory, no
-    time); ViT's position embeddings, for one, fix its size."""
+    time); ViT's position embeddings, for one, fix its size. A model spec (timm, a user's module) is
+    checked on its loaded `model` with one small real batch instead."""
     import torch
 
-    model = factory.meta_model(arch)
+    device = "meta" if model is None else next(model.parameters()).device
+    model = factory.meta_model(arch) if model is None else model
     try:
         with torch.no_grad():
-            model(torch.empty(1, 3, size, size, device="meta"))
+            model(torch.zeros(1, 3, size, size, device=device))
     except (RuntimeError, ValueError, AssertionError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"--input-size {size}: {arch} cannot take {size}-pixel images ({first[:160]})") from None
@@ -160,7 +163,7 @@ class Trainer:
             self.elapsed = float(payload["metrics"]["seconds"])
             self.head = find_head(loaded.model, len(self.classes))
         else:
-            if config.input_size is not None and config.arch is not None:
+            if config.input_size is not None and config.arch is not None and not is_spec(config.arch):
                 check_input_size(factory.resolve_architecture(config.arch), config.input_size)  # before any load
             torch.manual_seed(config.seed)
             loaded = factory.load_model(
@@ -173,7 +176,7 @@ class Trainer:
             self.base_weights = base_weights_name(loaded.weights)
             self.head = replace_head(loaded.model, len(loaded.categories), len(self.classes), seed=config.seed)
             if config.input_size is not None:
-                check_input_size(loaded.arch, config.input_size)
+                check_input_size(loaded.arch, config.input_size, loaded.model if is_spec(loaded.arch) else None)
                 loaded.transforms = choose_transforms(loaded, input_size=config.input_size)
         self.arch = loaded.arch
         self.transforms = loaded.transforms

@@ -350,19 +350,23 @@ def test_export_timm_spec_matches_torch_in_onnx_runtime(tmp_path, app, runner, t
 
 
 def test_finetune_a_timm_spec_then_predict_without_arch(tmp_path, app, runner, no_hub):
-    """The trainer (resnetcli.finetune, driven directly: cli/train.py is being repaired after the merge)
-    fine-tunes timm's model; its checkpoint names the spec, and predict needs no --arch for it."""
+    """`resnet finetune --arch timm:NAME` fine-tunes timm's model; its checkpoint names the spec and
+    keeps timm's preprocessing (or the --input-size it was trained at), and predict needs no --arch."""
     from test_finetune import CLASSES, make_dataset
 
     from resnetcli.checkpoints import read_checkpoint
-    from resnetcli.datasets import load_split
-    from resnetcli.finetune import FinetuneConfig, Trainer
 
     data = make_dataset(tmp_path / "data", per_split=2)
     out = tmp_path / "ft.pth"
-    config = FinetuneConfig(arch=f"timm:{TIMM_NAME}", weights="none", epochs=2, batch_size=8, workers=1)
-    result = Trainer(config, load_split(data), out).run(lambda epoch: None, lambda phase, total: lambda done: None)
-    assert result.arch == f"timm:{TIMM_NAME}" and list(result.classes) == CLASSES
+    common = ["finetune", str(data), "--arch", f"timm:{TIMM_NAME}", "--weights", "none", "--workers", "1"]
+    trained = runner.invoke(app, [*common, "--epochs", "2", "--batch-size", "8", "-o", str(out), "-f", "json"])
+    assert trained.exit_code == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["arch"] == f"timm:{TIMM_NAME}" and list(result["classes"]) == CLASSES
+    small = tmp_path / "ft-64.pth"
+    trained = runner.invoke(app, [*common, "--epochs", "1", "--input-size", "64", "-o", str(small)])
+    assert trained.exit_code == 0, trained.stderr
+    assert read_checkpoint(small).preprocessing["crop_size"] == 64
     stored = read_checkpoint(out)
     _, transform = timm_reference_transform()
     assert stored.arch == f"timm:{TIMM_NAME}"
