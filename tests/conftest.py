@@ -42,6 +42,12 @@ def runner() -> CliRunner:
 
 
 @pytest.fixture
+def model_args(steered_resnet18) -> list[str]:
+    """`--arch` and `--weights` of the discriminating resnet18 checkpoint."""
+    return ["--arch", "resnet18", "--weights", str(steered_resnet18.path)]
+
+
+@pytest.fixture
 def app():
     from resnetcli.cli import app
 

@@ -9,30 +9,13 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, env_without_resnet
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-@pytest.fixture
-def model_args(steered_resnet18) -> list[str]:
-    return ["--arch", "resnet18", "--weights", str(steered_resnet18.path)]
-
-
-def run(runner, app, *args, input=None):
-    return runner.invoke(app, ["predict", *[str(a) for a in args]], input=input)
-
-
-def command(*args) -> list[str]:
-    return [sys.executable, "-m", "resnetcli", "predict", *[str(a) for a in args]]
+from predict_cli import command, jsonl, run
 
 
 def subprocess_env(tmp_path: Path, **extra: str) -> dict:
