@@ -9,8 +9,9 @@ import subprocess
 import time
 
 from conftest import REPO
+from predict_cli import command
 from test_cache import jsonl, run_cli
-from test_predict_attacks import command, model_args, subprocess_env  # noqa: F401 (fixture)
+from test_predict_attacks import subprocess_env
 from test_store_attacks import cached_tiny, serve, tiny, web  # noqa: F401 (fixtures)
 
 
@@ -44,7 +45,7 @@ def test_the_run_that_finishes_last_leaves_its_whole_result_never_a_mix(
     tmp_path,
     sample_images,
     steered_resnet18,
-    model_args,  # noqa: F811
+    model_args,
 ):
     """Issue 9.2: two runs on one `-o`, made certain to overlap: one writes its first record, another
     runs whole, then the first finishes. The file holds the last finisher's records, whole, nothing else."""
