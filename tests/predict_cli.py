@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
 
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+from conftest import REPO, env_without_resnet
 
 
 def run(runner, app, *args, input=None):
@@ -16,3 +14,11 @@ def run(runner, app, *args, input=None):
 
 def command(*args) -> list[str]:
     return [sys.executable, "-m", "resnetcli", "predict", *[str(a) for a in args]]
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict:
+    """The environment of a `resnet` subprocess: its own cache, this checkout, and stdout buffered as
+    usual (PYTHONUNBUFFERED would hide a missing flush)."""
+    env = env_without_resnet(TORCH_HOME=str(tmp_path / "torch_home"), PYTHONPATH=str(REPO), **extra)
+    env.pop("PYTHONUNBUFFERED", None)
+    return env

@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 from conftest import REPO, env_without_resnet
+from helpers import one_line_error, run_cli, run_json
 
 NETS = textwrap.dedent(
     '''
@@ -105,24 +106,6 @@ def nets(tmp_path, monkeypatch):
     return tmp_path / "nets.py"
 
 
-def run(runner, app, *args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def run_json(runner, app, *args):
-    result = run(runner, app, *args, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def one_line_error(result) -> str:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("resnet: error: ")
-    return lines[0]
-
-
 def load_nets(nets):
     import importlib.util
 
@@ -176,13 +159,13 @@ def test_lenet5_summary_exact(runner, app, nets, spec):
 
 
 def test_lenet5_wrong_size_names_the_smallest_that_works(runner, app, nets):
-    result = run(runner, app, "summary", "nets.py:LeNet5", "--input-shape", "1,1,28,28")
+    result = run_cli(runner, app, "summary", "nets.py:LeNet5", "--input-shape", "1,1,28,28")
     assert result.exit_code == 2
     line = one_line_error(result)
     assert "nets.py:LeNet5 cannot run on input 1x1x28x28" in line
     assert line.endswith("the smallest size that works is 32 (input 1x1x32x32)")
-    assert run(runner, app, "summary", "nets.py:LeNet5", "--input-shape", "1,1,31,31").exit_code == 2
-    assert run(runner, app, "summary", "nets.py:LeNet5", "--input-shape", "1,1,32,32", "-f", "json").exit_code == 0
+    assert run_cli(runner, app, "summary", "nets.py:LeNet5", "--input-shape", "1,1,31,31").exit_code == 2
+    assert run_cli(runner, app, "summary", "nets.py:LeNet5", "--input-shape", "1,1,32,32", "-f", "json").exit_code == 0
 
 
 def test_lenet5_features_and_an_instance(runner, app, nets):
@@ -225,7 +208,7 @@ def test_dict_input_and_sequence_too_short(runner, app, nets):
 
 
 def test_meta_failure_falls_back_to_cpu_with_a_note(runner, app, nets):
-    result = run(runner, app, "summary", "nets.py:NeedsRealNumbers", "--input-shape", "3,4", "--format", "json")
+    result = run_cli(runner, app, "summary", "nets.py:NeedsRealNumbers", "--input-shape", "3,4", "--format", "json")
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["build"] == "cpu"
@@ -283,7 +266,7 @@ def test_class_with_kwargs(runner, app, nets):
 )
 def test_bad_specs_are_one_line_usage_errors(runner, app, nets, args, message):
     args = [*args, "--input-shape", "1,1,32,32"] if len(args) > 1 and "--kwargs" in args else args
-    result = run(runner, app, "summary", *args)
+    result = run_cli(runner, app, "summary", *args)
     assert result.exit_code == 2, result.stderr
     assert message in one_line_error(result)
 
@@ -333,7 +316,7 @@ def test_timm_list_and_unknown_name(runner, app, timm):
     assert {r["arch"] for r in rows} == {f"timm:{n}" for n in timm.list_models("convnext_t*")}
     defaults = {r["arch"]: r["weights"] for r in rows if r["default"]}
     assert defaults["timm:convnext_tiny"] == timm.create_model("convnext_tiny").pretrained_cfg["tag"]
-    unknown = run(runner, app, "summary", "timm:convnxt_tiny")
+    unknown = run_cli(runner, app, "summary", "timm:convnxt_tiny")
     assert unknown.exit_code == 2
     assert "timm has no model 'convnxt_tiny'; did you mean 'convnext_tiny'" in one_line_error(unknown)
 
@@ -405,6 +388,6 @@ def test_onnx_summary_never_imports_torch(lenet_onnx):
 def test_not_an_onnx_file(runner, app, tmp_path):
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"\xff\xfe not protobuf at all")
-    result = run(runner, app, "summary", fake)
+    result = run_cli(runner, app, "summary", fake)
     assert result.exit_code == 2
     assert f"{fake}: not an ONNX model" in one_line_error(result)

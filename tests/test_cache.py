@@ -25,15 +25,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, env_without_resnet, save_hub_style, sha256_file
+from helpers import jsonl, run_cli, run_on_terminal
 from readonly_cache import first_way, run_cli_read_only
-
-
-def run_cli(runner, app, *args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def cache_contents(folder: Path) -> list[str]:
@@ -453,17 +446,9 @@ def test_mirror_replaces_torchvisions_host_but_not_a_users_url(
     steered = server.add(
         WeightFile(steered_resnet18.path, steered_resnet18.path.read_bytes(), sha256_file(steered_resnet18.path))
     )
+    url = server.file_url("ok", steered)
     result = run_cli(
-        runner,
-        app,
-        "predict",
-        sample_images[0],
-        "--arch",
-        "resnet18",
-        "--weights",
-        server.file_url("ok", steered),
-        "--format",
-        "jsonl",
+        runner, app, "predict", sample_images[0], "--arch", "resnet18", "--weights", url, "--format", "jsonl"
     )
     assert result.exit_code == 0, result.stderr
     assert jsonl(result.stdout)[0]["top"][0]["index"] == steered_resnet18.expected[sample_images[0].name]
@@ -798,39 +783,17 @@ def test_many_processes_download_a_file_once(server, tiny, checkpoint_dir):
 
 def test_progress_bar_on_a_terminal_stays_off_stdout(server, tiny, checkpoint_dir):
     """stderr is a terminal (a pty): the rich progress bar is drawn there, stdout holds the record only."""
-    import pty
-
     url = server.file_url("slow", server.add(tiny))
     server.server.slow_seconds = 1.0
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
+    done = run_on_terminal(
         [sys.executable, "-m", "resnetcli", "fetch", "--url", url],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=terminal,
-        env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), COLUMNS="120"),
+        env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), COLUMNS="120"),
+        streams=("stderr",),
+        timeout=60,
     )
-    os.close(terminal)
-    drawn = bytearray()
-
-    def drain():  # a pty must be read, or the child blocks once its buffer is full
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # EIO: the child closed its end
-                return
-            if not chunk:
-                return
-            drawn.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    out, _ = process.communicate(timeout=60)
-    reader.join(timeout=10)
-    os.close(controller)
-    assert process.returncode == 0, drawn.decode(errors="replace")
-    assert json.loads(out)["status"] == "downloaded"  # exactly one JSON record, nothing else
-    screen = drawn.decode(errors="replace")
+    screen = done.terminal.decode(errors="replace")
+    assert done.returncode == 0, screen
+    assert json.loads(done.stdout)["status"] == "downloaded"  # exactly one JSON record, nothing else
     assert tiny.name in screen and "\x1b[" in screen  # the bar, with terminal control sequences
     assert "downloaded: " in screen
 

@@ -4,61 +4,23 @@ read-only cache that still serves what is in it."""
 from __future__ import annotations
 
 import json
-import os
-import pty
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from conftest import REPO, env_without_resnet
+from helpers import jsonl, python_c, run_cli, run_on_terminal
 from readonly_cache import WAYS, available, run_cli_read_only
-from test_cache import WeightFile, _tiny_checkpoint, jsonl, run_cli
-from test_store_attacks import serve, web_server
-
-
-@pytest.fixture
-def web():
-    with web_server() as httpd:
-        yield httpd
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> WeightFile:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=1, stem="tiny")
+from test_store_attacks import serve, tiny, web  # noqa: F401 (fixtures)
 
 
 def on_terminal(torch_home: Path, *args: str, columns: int = 80) -> tuple[int, str, str]:
     """Run the CLI with stdout on a terminal (a pty) `columns` wide; (exit code, screen, stderr)."""
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
+    done = run_on_terminal(
         [sys.executable, "-m", "resnetcli", *map(str, args)],
-        cwd=REPO,
-        stdout=terminal,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env_without_resnet(TORCH_HOME=str(torch_home), COLUMNS=str(columns), TERM="dumb"),
+        env_without_resnet(TORCH_HOME=str(torch_home), COLUMNS=str(columns), TERM="dumb"),
     )
-    os.close(terminal)
-    screen = bytearray()
-
-    def drain():
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            screen.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    _, err = process.communicate(timeout=120)
-    reader.join(timeout=10)
-    os.close(controller)
-    return process.returncode, screen.decode().replace("\r\n", "\n"), err
+    return done.returncode, done.terminal.decode().replace("\r\n", "\n"), done.stderr
 
 
 @pytest.mark.parametrize("command", [["cache", "list"], ["cache", "verify"]])
@@ -71,14 +33,7 @@ def test_empty_cache_says_so_at_once_without_torch(checkpoint_dir, command):
         "except SystemExit as end:\n"
         "    print(end.code, sorted(m for m in ('torch', 'torchvision') if m in sys.modules), file=sys.stderr)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), PYTHONPATH=str(REPO)),
-    )
+    done = python_c(probe, env_without_resnet(TORCH_HOME=str(checkpoint_dir.parent.parent), PYTHONPATH=str(REPO)), 60)
     assert done.stdout == ""
     assert done.stderr == f"resnet: the cache is empty ({checkpoint_dir})\n0 []\n"
 
@@ -90,7 +45,7 @@ def test_rm_of_a_missing_name_prints_its_error_and_no_table(runner, app, checkpo
     assert result.stderr == f"resnet: error: foo.pth: not in the weight cache {checkpoint_dir}\n"
 
 
-def test_cache_list_fits_80_columns_and_says_how_to_use_an_imported_file(runner, app, web, tiny, checkpoint_dir):
+def test_cache_list_fits_80_columns_and_says_how_to_use_an_imported_file(runner, app, web, tiny, checkpoint_dir):  # noqa: F811
     from torchvision.models import ResNet18_Weights, ViT_H_14_Weights
 
     assert run_cli(runner, app, "fetch", "--url", serve(web, tiny)).exit_code == 0
@@ -116,7 +71,7 @@ def test_cache_list_fits_80_columns_and_says_how_to_use_an_imported_file(runner,
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_read_only_cache_serves_the_files_already_in_it(runner, app, web, tiny, checkpoint_dir, way):
+def test_read_only_cache_serves_the_files_already_in_it(runner, app, web, tiny, checkpoint_dir, way):  # noqa: F811
     """A cache shared read-only (a site-wide copy) still answers for its files, and says so when one is missing."""
     url = serve(web, tiny)
     assert run_cli(runner, app, "fetch", "--url", url).exit_code == 0

@@ -9,9 +9,8 @@ import subprocess
 import time
 
 from conftest import REPO
-from predict_cli import command
-from test_cache import jsonl, run_cli
-from test_predict_attacks import subprocess_env
+from helpers import jsonl, run_cli
+from predict_cli import command, subprocess_env
 from test_store_attacks import cached_tiny, serve, tiny, web  # noqa: F401 (fixtures)
 
 

@@ -10,15 +10,7 @@ import sys
 
 import pytest
 from conftest import REPO, cache_leftovers, env_without_resnet
-
-
-def run_cli(runner, app, *args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
+from helpers import jsonl, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # Startup
@@ -148,21 +140,8 @@ def assert_matches_reference(records, reference):
             assert score["prob"] == pytest.approx(prob, abs=1e-4)
 
 
-def test_predict_checkpoint_matches_torchvision_pipeline(runner, app, steered_resnet18, sample_images):
-    result = run_cli(
-        runner,
-        app,
-        "predict",
-        *sample_images,
-        "--arch",
-        "resnet18",
-        "--weights",
-        steered_resnet18.path,
-        "--top",
-        "3",
-        "--format",
-        "jsonl",
-    )
+def test_predict_checkpoint_matches_torchvision_pipeline(runner, app, steered_resnet18, model_args, sample_images):
+    result = run_cli(runner, app, "predict", *sample_images, *model_args, "--top", "3", "--format", "jsonl")
     assert result.exit_code == 0, result.stderr
     records = jsonl(result.stdout)
     assert_matches_reference(records, torchvision_top_k(steered_resnet18.state_dict, sample_images, 3))
@@ -187,37 +166,17 @@ def test_predict_downloads_into_hub_cache_then_works_offline(
     assert cached.read_bytes() == steered_resnet18.path.read_bytes()
     assert "downloading" in result.stderr
     # Second run: from the cache, with the network forbidden.
+    photo = sample_images[0]
     again = run_cli(
-        runner,
-        app,
-        "predict",
-        sample_images[0],
-        "--arch",
-        "resnet18",
-        "--weights",
-        url,
-        "--offline",
-        "--format",
-        "jsonl",
+        runner, app, "predict", photo, "--arch", "resnet18", "--weights", url, "--offline", "--format", "jsonl"
     )
     assert again.exit_code == 0, again.stderr
     assert jsonl(again.stdout)[0]["top"][0]["index"] == steered_resnet18.expected[sample_images[0].name]
 
 
-def test_predict_formats(runner, app, steered_resnet18, sample_images):
+def test_predict_formats(runner, app, steered_resnet18, model_args, sample_images):
     # One image per forward pass, so that the probabilities of the CSV and TSV runs are bit-identical.
-    args = [
-        "predict",
-        *sample_images[:2],
-        "--arch",
-        "resnet18",
-        "--weights",
-        steered_resnet18.path,
-        "--top",
-        "2",
-        "--batch-size",
-        "1",
-    ]
+    args = ["predict", *sample_images[:2], *model_args, "--top", "2", "--batch-size", "1"]
     reference = torchvision_top_k(steered_resnet18.state_dict, sample_images[:2], 2)
     rows = {}
     for fmt, delimiter in (("csv", ","), ("tsv", "\t")):

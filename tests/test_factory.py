@@ -11,19 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, penultimate_features, steer_head
-
-
-def run_cli(runner, app, *args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("resnet: error: ")
-    assert "\x1b" not in lines[0]
-    return lines[0]
+from helpers import one_line_error, run_cli
 
 
 def top1_indices(stdout: str) -> dict[str, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, env_without_resnet
+from helpers import one_line_error, run_cli, run_json
 from torchvision import models
 
 ARCHITECTURES = models.list_models(module=models)
@@ -35,24 +36,6 @@ def isolated_names_cache(tmp_path, monkeypatch) -> Path:
 
     names.load.cache_clear()
     return folder
-
-
-def run_cli(runner, app, *args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def run_json(runner, app, *args):
-    result = run_cli(runner, app, *args, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def one_line_error(result) -> str:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("resnet: error: ")
-    return lines[0]
 
 
 def crop_size(weights) -> int:

@@ -3,16 +3,13 @@ the network-failure message names the next step, and no progress display is draw
 
 from __future__ import annotations
 
-import os
-import pty
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO, env_without_resnet
-from test_cache import cache_contents, impostor, refused_url, run_cli, server, tiny  # noqa: F401 (fixtures)
+from conftest import env_without_resnet
+from helpers import run_cli, run_on_terminal
+from test_cache import cache_contents, impostor, refused_url, server, tiny  # noqa: F401 (fixtures)
 from torchvision.models import ResNet18_Weights
 
 
@@ -44,33 +41,12 @@ def test_a_users_url_that_cannot_be_reached_names_the_import_and_offline(runner,
 
 def stderr_on_terminal(torch_home: Path, *args: str) -> tuple[int, bytes]:
     """Run the CLI with stderr on a terminal (a pty, TERM=xterm); (exit code, bytes the terminal got)."""
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
+    done = run_on_terminal(
         [sys.executable, "-m", "resnetcli", *map(str, args)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=terminal,
-        env=env_without_resnet(TORCH_HOME=str(torch_home), COLUMNS="80", TERM="xterm"),
+        env_without_resnet(TORCH_HOME=str(torch_home), COLUMNS="80", TERM="xterm"),
+        streams=("stderr",),
     )
-    os.close(terminal)
-    screen = bytearray()
-
-    def drain():
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            screen.extend(chunk)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    code = process.wait(timeout=120)
-    reader.join(timeout=10)
-    os.close(controller)
-    return code, bytes(screen)
+    return done.returncode, done.terminal
 
 
 @pytest.mark.timeout(300)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import select
 import subprocess
 import sys
@@ -20,19 +19,13 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, STEERED_CLASSES, env_without_resnet, penultimate_features, steer_head
+from helpers import jsonl, run_on_terminal
+from predict_cli import command, run
 
 #: The class the cat photo lands on when its pixels are turned 90 degrees (stored sideways).
 SIDEWAYS_CAT_CLASS = 282
 #: Shrinks the steered head's logits so probabilities stay between 0 and 1 instead of saturating.
 SOFTENING = 0.03
-
-
-def run(runner, app, *args, input=None):
-    return runner.invoke(app, ["predict", *[str(a) for a in args]], input=input)
-
-
-def jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def top1(record: dict) -> int:
@@ -511,39 +504,14 @@ def test_ctrl_c_while_waiting_for_stdin_exits_130(tmp_path, soft_steered, photos
 def test_top_and_threshold(runner, app, soft_steered, photos):
     # One image per forward pass, so that probabilities are bit-identical between runs (a batch of
     # 2 and two of 1 differ in the 9th decimal, enough to move a rounded 6th one now and then).
-    full = run(
-        runner,
-        app,
-        photos["cat"],
-        photos["coffee"],
-        *soft_steered.args,
-        "--top",
-        "4",
-        "--format",
-        "jsonl",
-        "--batch-size",
-        "1",
-    )
+    args = [photos["cat"], photos["coffee"], *soft_steered.args, "--top", "4", "--format", "jsonl", "--batch-size", "1"]
+    full = run(runner, app, *args)
     assert full.exit_code == 0
     records = jsonl(full.stdout)
     assert [len(r["top"]) for r in records] == [4, 4]
     assert [s["rank"] for s in records[0]["top"]] == [1, 2, 3, 4]
     cut = (records[0]["top"][1]["prob"] + records[0]["top"][2]["prob"]) / 2
-    kept = run(
-        runner,
-        app,
-        photos["cat"],
-        photos["coffee"],
-        *soft_steered.args,
-        "--top",
-        "4",
-        "--threshold",
-        str(cut),
-        "--format",
-        "jsonl",
-        "--batch-size",
-        "1",
-    )
+    kept = run(runner, app, *args, "--threshold", str(cut))
     assert kept.exit_code == 0
     for before, after in zip(records, jsonl(kept.stdout)):
         assert after["top"] == [s for s in before["top"] if s["prob"] >= cut]
@@ -570,33 +538,14 @@ def test_output_file_gets_the_records_and_stdout_stays_empty(runner, app, soft_s
 
 def test_progress_line_on_a_terminal_stderr_and_records_on_stdout(tmp_path, soft_steered, photos):
     """With stderr on a terminal and many inputs, a progress line appears there; stdout holds only records."""
-    import pty
-
-    leader, follower = pty.openpty()
-    inputs = [photos["cat"]] * 24
-    process = subprocess.Popen(
-        [sys.executable, "-m", "resnetcli", "predict", *inputs, *soft_steered.args, "--format", "jsonl", "--top", "1"],
-        stdout=subprocess.PIPE,
-        stderr=follower,
-        text=True,
-        cwd=REPO,
-        env=env_without_resnet(TORCH_HOME=str(tmp_path), TERM="xterm", COLUMNS="100"),
+    done = run_on_terminal(
+        command(*[photos["cat"]] * 24, *soft_steered.args, "--format", "jsonl", "--top", "1"),
+        env_without_resnet(TORCH_HOME=str(tmp_path), TERM="xterm", COLUMNS="100"),
+        streams=("stderr",),
     )
-    os.close(follower)
-    stdout, _ = process.communicate(timeout=120)
-    terminal = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal is closed once the process is gone
-            break
-        if not chunk:
-            break
-        terminal += chunk
-    os.close(leader)
-    assert process.returncode == 0
-    assert [(r["input"], top1(r)) for r in jsonl(stdout)] == [(str(photos["cat"]), 281)] * 24
-    assert "24 inputs, 0 failed" in terminal.decode(errors="replace")
+    assert done.returncode == 0
+    assert [(r["input"], top1(r)) for r in jsonl(done.stdout)] == [(str(photos["cat"]), 281)] * 24
+    assert "24 inputs, 0 failed" in done.terminal.decode(errors="replace")
 
 
 def test_no_progress_when_stderr_is_not_a_terminal(runner, app, soft_steered, photos):

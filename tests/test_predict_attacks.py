@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -14,13 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, env_without_resnet
-from predict_cli import command, jsonl, run
-
-
-def subprocess_env(tmp_path: Path, **extra: str) -> dict:
-    return env_without_resnet(TORCH_HOME=str(tmp_path / "torch_home"), PYTHONPATH=str(REPO), **extra)
-
+from conftest import REPO
+from helpers import jsonl, run_on_terminal
+from predict_cli import command, run, subprocess_env
 
 # ---------------------------------------------------------------------------------------------
 # 2. -o never destroys an input
@@ -431,34 +426,11 @@ def test_a_full_disk_is_one_line_and_exit_code_4(tmp_path, sample_images, model_
 
 
 def test_csv_on_a_terminal_escapes_control_characters(tmp_path, sample_images, model_args):
-    import pty
-
     name = tmp_path / "evil\x1b[2J.jpg"
     name.write_bytes(sample_images[1].read_bytes())
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        command(name, *model_args, "--top", "1", "--format", "csv"),
-        stdout=follower,
-        stderr=subprocess.PIPE,
-        env=subprocess_env(tmp_path),
-        cwd=REPO,
-    )
-    os.close(follower)
-    terminal = b""
-    while True:
-        ready, _, _ = select.select([leader], [], [], 120)
-        if not ready:
-            break
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        terminal += chunk
-    os.close(leader)
-    assert process.wait(timeout=60) == 0
-    text = terminal.decode()
+    done = run_on_terminal(command(name, *model_args, "--top", "1", "--format", "csv"), subprocess_env(tmp_path))
+    assert done.returncode == 0
+    text = done.terminal.decode()
     assert f"{tmp_path}/evil\\x1b[2J.jpg,resnet18,{model_args[3]},1,281,tabby," in text
     assert "\x1b" not in text
     piped = subprocess.run(

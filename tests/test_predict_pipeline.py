@@ -10,22 +10,14 @@ import os
 import re
 import select
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, env_without_resnet
-from predict_cli import command, jsonl, run
-
-
-def subprocess_env(tmp_path: Path, **extra: str) -> dict:
-    """The environment of a `resnet` subprocess: its own cache, this checkout, and stdout buffered as
-    usual (PYTHONUNBUFFERED would hide a missing flush)."""
-    env = env_without_resnet(TORCH_HOME=str(tmp_path / "torch_home"), PYTHONPATH=str(REPO), **extra)
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
+from conftest import REPO
+from helpers import jsonl, python_c, run_on_terminal
+from predict_cli import command, run, subprocess_env
 
 
 def pipeline_threads() -> list[str]:
@@ -72,14 +64,7 @@ def test_the_pipeline_runs_a_classifier_of_another_runtime_without_torch(tmp_pat
         "print(json.dumps(records))\n"
         "print('torch' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env=subprocess_env(tmp_path),
-    )
+    done = python_c(code, subprocess_env(tmp_path))
     assert done.returncode == 0, done.stderr
     records_line, torch_line = done.stdout.splitlines()
     records = json.loads(records_line)
@@ -202,14 +187,7 @@ def test_threads_default_to_the_affinity_mask_of_the_process(tmp_path, steered_r
         "import torch\n"
         "print('threads', torch.get_num_threads())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env=subprocess_env(tmp_path),
-    )
+    done = python_c(code, subprocess_env(tmp_path))
     assert done.returncode == 0, done.stderr
     record, threads = done.stdout.splitlines()
     assert json.loads(record)["top"][0]["index"] == 281
@@ -266,56 +244,27 @@ def test_csv_and_tsv_records_stream_one_by_one(tmp_path, model_args, sample_imag
         process.wait()
 
 
-def read_terminal(leader: int) -> str:
-    data = b""
-    while True:
-        ready, _, _ = select.select([leader], [], [], 120)
-        if not ready:
-            break
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    os.close(leader)
-    return data.decode(errors="replace")
-
-
 def test_no_progress_line_when_records_stream_to_the_same_terminal(tmp_path, model_args, sample_images):
-    import pty
-
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
+    done = run_on_terminal(
         command(*[sample_images[1]] * 24, *model_args, "--format", "jsonl", "--top", "1"),
-        stdout=follower,
-        stderr=follower,
-        cwd=REPO,
-        env=subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"),
+        subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"),
+        streams=("stdout", "stderr"),
     )
-    os.close(follower)
-    terminal = read_terminal(leader)
-    assert process.wait(timeout=60) == 0
+    terminal = done.terminal.decode(errors="replace")
+    assert done.returncode == 0
     records = [json.loads(line[line.index("{") :]) for line in terminal.splitlines() if "{" in line]
     assert len(records) == 24 and all(r["top"][0]["index"] == 281 for r in records)
     assert "inputs," not in terminal
 
 
 def test_the_progress_line_starts_with_real_counts(tmp_path, model_args, sample_images):
-    import pty
-
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
+    done = run_on_terminal(
         command(*[sample_images[1]] * 24, *model_args, "--format", "jsonl", "--top", "1"),
-        stdout=subprocess.DEVNULL,
-        stderr=follower,
-        cwd=REPO,
-        env=subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"),
+        subprocess_env(tmp_path, TERM="xterm", COLUMNS="100"),
+        streams=("stderr",),
     )
-    os.close(follower)
-    terminal = read_terminal(leader)
-    assert process.wait(timeout=60) == 0
+    terminal = done.terminal.decode(errors="replace")
+    assert done.returncode == 0
     assert "24 inputs, 0 failed" in terminal
     assert " 0 inputs" not in terminal and "-/s" not in terminal
 
@@ -324,28 +273,14 @@ def test_the_progress_line_starts_with_real_counts(tmp_path, model_args, sample_
 # Issue 13: the terminal table at 80 columns
 
 
-def test_the_table_fits_80_columns(runner, app, steered_resnet18, sample_images, tmp_path, monkeypatch):
+def test_the_table_fits_80_columns(runner, app, steered_resnet18, model_args, sample_images, tmp_path, monkeypatch):
     deep = tmp_path / "a-rather-long-folder-name-for-photos" / "taken-on-a-long-holiday-somewhere-far"
     deep.mkdir(parents=True)
     long_cat = deep / "cat-photographed-in-the-garden-at-dusk.jpg"
     long_cat.write_bytes(sample_images[1].read_bytes())
     missing = deep / "missing.jpg"
     monkeypatch.setenv("COLUMNS", "80")
-    result = run(
-        runner,
-        app,
-        long_cat,
-        sample_images[3],
-        missing,
-        "--arch",
-        "resnet18",
-        "--weights",
-        steered_resnet18.path,
-        "--top",
-        "3",
-        "--format",
-        "table",
-    )
+    result = run(runner, app, long_cat, sample_images[3], missing, *model_args, "--top", "3", "--format", "table")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, result.stdout

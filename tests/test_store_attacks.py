@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, env_without_resnet
-from test_cache import WeightFile, _tiny_checkpoint, cache_contents, jsonl, run_cli
+from helpers import jsonl, run_cli
+from test_cache import WeightFile, _tiny_checkpoint, cache_contents
 
 ENDLESS_BOUND = 64 << 20  # the server gives up after this many bytes: a test that fails stays bounded
 

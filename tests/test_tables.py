@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from test_cache import run_cli
+from helpers import run_cli
 from test_cache_views import on_terminal, tiny, web  # noqa: F401 (fixtures)
 from test_store_attacks import serve
 
