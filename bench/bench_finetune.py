@@ -15,7 +15,6 @@ the final val top-1 of each.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -24,28 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def make_dataset(root: Path, classes: int, per_class: int) -> None:
-    """train/ and val/ folders: crops, flips and colour changes of the sample photos, 160 px."""
-    from PIL import Image, ImageEnhance, ImageOps
-
-    photos = sorted((REPO / "sample_images").glob("*.jpg"))[:classes]
-    for photo in photos:
-        source = Image.open(photo).convert("RGB")
-        source.thumbnail((320, 320))
-        for split in ("train", "val"):
-            folder = root / split / photo.stem
-            folder.mkdir(parents=True, exist_ok=True)
-            rng = random.Random(f"{photo.stem}/{split}")
-            for i in range(per_class):
-                width, height = source.size
-                scale = rng.uniform(0.6, 1.0)
-                w, h = int(width * scale), int(height * scale)
-                x, y = rng.randint(0, width - w), rng.randint(0, height - h)
-                image = source.crop((x, y, x + w, y + h)).resize((160, 160))
-                if rng.random() < 0.5:
-                    image = ImageOps.mirror(image)
-                ImageEnhance.Color(image).enhance(rng.uniform(0.5, 1.5)).save(folder / f"{i}.jpg")
+from tests.photo_sets import make_photo_set  # noqa: E402 - the fine-tuning tests' data sets, at bench size
 
 
 def train(data: Path, out: Path, args, cached: bool) -> tuple[float, float]:
@@ -73,7 +51,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "data"
-        make_dataset(data, args.classes, args.per_class)
+        photos = sorted((REPO / "sample_images").glob("*.jpg"))[: args.classes]
+        make_photo_set(data, photos, args.per_class, 160, source_size=320, brightness=False)
         train(data, Path(folder) / "warm.pth", argparse.Namespace(**{**vars(args), "epochs": 1}), True)  # warm-up
         cached_time, cached_accuracy = train(data, Path(folder) / "cached.pth", args, True)
         naive_time, naive_accuracy = train(data, Path(folder) / "naive.pth", args, False)

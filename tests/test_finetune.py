@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SAMPLE_DIR, STEERED_CLASSES, env_without_resnet
+from photo_sets import make_photo_set
 
 CLASSES = ["cat", "coffee", "rocket"]
 PER_SPLIT = 4
@@ -35,27 +35,7 @@ TRAIN_ARGS = [*BASE_ARGS, "--input-size", str(INPUT_SIZE)]
 
 def make_dataset(root: Path, per_split: int = PER_SPLIT) -> Path:
     """train/ and val/ folders of small variants (crop, flip, colour, brightness) of three sample photos."""
-    from PIL import Image, ImageEnhance, ImageOps
-
-    for label in CLASSES:
-        source = Image.open(SAMPLE_DIR / f"{label}.jpg").convert("RGB")
-        source.thumbnail((160, 160))
-        for split in ("train", "val"):
-            folder = root / split / label
-            folder.mkdir(parents=True, exist_ok=True)
-            rng = random.Random(f"{label}/{split}")
-            for i in range(per_split):
-                width, height = source.size
-                scale = rng.uniform(0.6, 1.0)
-                w, h = int(width * scale), int(height * scale)
-                x, y = rng.randint(0, width - w), rng.randint(0, height - h)
-                image = source.crop((x, y, x + w, y + h)).resize((64, 64))
-                if rng.random() < 0.5:
-                    image = ImageOps.mirror(image)
-                image = ImageEnhance.Color(image).enhance(rng.uniform(0.5, 1.5))
-                image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
-                image.save(folder / f"{label}_{i}.jpg")
-    return root
+    return make_photo_set(root, [SAMPLE_DIR / f"{label}.jpg" for label in CLASSES], per_split, INPUT_SIZE)
 
 
 @pytest.fixture(scope="module")
