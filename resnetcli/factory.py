@@ -27,6 +27,7 @@ from resnetcli.catalogue import (  # noqa: F401 - re-exported: the factory is wh
 )
 from resnetcli.checkpoints import Checkpoint, load_state_dict, read_checkpoint  # noqa: F401 - re-exported
 from resnetcli.errors import CheckpointError, UnknownWeights, UsageError
+from resnetcli.heads import output_count
 from resnetcli.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -273,28 +274,12 @@ def build_model(
             # A fine-tuned head: without --labels the classes can only be numbered.
             categories = [f"class_{i}" for i in range(class_count)]
     if labels is not None:
-        output_count = _output_count(model, len(categories))
-        if len(labels) != output_count:
-            raise UsageError(f"the labels name {len(labels)} classes but the model {source} predicts {output_count}")
+        count = output_count(model)
+        predicted = count if count is not None else len(categories)
+        if len(labels) != predicted:
+            raise UsageError(f"the labels name {len(labels)} classes but the model {source} predicts {predicted}")
         categories = list(labels)
     return LoadedModel(arch, choice, model, categories, transforms, notes)
-
-
-def _output_count(model: torch.nn.Module, fallback: int) -> int:
-    import torch
-
-    num_classes = getattr(model, "num_classes", None)
-    if isinstance(num_classes, int):
-        return num_classes
-    last = None
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            last = module
-    if isinstance(last, torch.nn.Linear):
-        return last.out_features
-    if isinstance(last, torch.nn.Conv2d):
-        return last.out_channels
-    return fallback
 
 
 # ---------------------------------------------------------------------------------------------

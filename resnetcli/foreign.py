@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from resnetcli import checkpoints, specs
 from resnetcli.errors import CheckpointError, UsageError, WeightsUnavailable
+from resnetcli.heads import output_count
 from resnetcli.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,21 +297,6 @@ def _timm_model(spec: specs.ModelSpec, checkpoint: Checkpoint | None, from_hub: 
     return model
 
 
-def _output_count(model) -> int | None:
-    import torch
-
-    count = getattr(model, "num_classes", None)
-    if isinstance(count, int):
-        return count
-    last = None
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            last = module
-    if isinstance(last, torch.nn.Linear):
-        return last.out_features
-    return last.out_channels if isinstance(last, torch.nn.Conv2d) else None
-
-
 def _timm_label_names(model, count: int) -> list[str] | None:
     """timm's names for the classes of the model's pretrained dataset, when the head has that many."""
     config = getattr(model, "pretrained_cfg", None) or {}
@@ -347,7 +333,7 @@ def build(
         else:
             notes.append(f"{text} is used as its code builds it (--weights none)")
     transforms = _preprocessing(spec, model, checkpoint)
-    count = _output_count(model)
+    count = output_count(model)
     categories: list[str] | None = None
     if checkpoint is not None and checkpoint.classes is not None and len(checkpoint.classes) == count:
         categories = list(checkpoint.classes)

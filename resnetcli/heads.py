@@ -53,6 +53,16 @@ def _outputs(module) -> int | None:
     return None
 
 
+def output_count(model: torch.nn.Module) -> int | None:
+    """How many classes a model predicts: its `num_classes` when it says (timm's models, most of
+    torchvision's), else the outputs of its last Linear or Conv2d layer; None when it has neither."""
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int):
+        return count
+    counts = [outputs for outputs in map(_outputs, model.modules()) if outputs is not None]
+    return counts[-1] if counts else None
+
+
 def find_head(model: torch.nn.Module, num_classes: int) -> Head:
     """The last Linear/Conv2d layer with `num_classes` outputs: the layer that produces the logits."""
     found = None
