@@ -1,16 +1,18 @@
 """The torch side of `predict`, settled before the pipeline starts: device, preprocessing, fast path.
 
-`torch_classifier(loaded, ...)` turns a loaded torchvision model into the frozen
-`predict.Classifier` the pipeline runs: its preprocessing chosen once (the weights' own, another
-weights' with `--preprocess`, other sizes with `--input-size`/`--resize`), its inference plan
-chosen once (`fastpath.optimize_for_inference`). Nothing of `loaded` is changed afterwards, and the
-pipeline never sees torch. torch is imported inside the functions.
+`load_torch_classifier(arch, weights, ...)` is the one way `resnet predict` and each `resnetcli.ray`
+actor make it from predict's options. `torch_classifier(loaded, ...)` turns a loaded torchvision
+model into the frozen `predict.Classifier` the pipeline runs: its preprocessing chosen once (the
+weights' own, another weights' with `--preprocess`, other sizes with `--input-size`/`--resize`), its
+inference plan chosen once (`fastpath.optimize_for_inference`). Nothing of `loaded` is changed
+afterwards, and the pipeline never sees torch. torch is imported inside the functions.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from resnetcli.errors import UsageError
 from resnetcli.images import check_resize
@@ -93,6 +95,55 @@ def choose_transforms(loaded: LoadedModel, weights=None, *, input_size: int | No
         std=base.std,
         interpolation=base.interpolation,
         antialias=base.antialias,
+    )
+
+
+def load_torch_classifier(
+    arch: str | None,
+    weights: str,
+    *,
+    labels: Sequence[str] | None,
+    preprocess: str | None,
+    input_size: int | None,
+    resize: int | None,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+    expected_count: int | None,
+    settings: Any,
+    trust_checkpoint: bool,
+    downloads: Callable[[], AbstractContextManager] = nullcontext,
+    note: Callable[[str], None] = log.warning,
+) -> Classifier:
+    """The pipeline's Classifier of a model loaded through the factory, its inference plan settled once.
+
+    In order: the device is resolved and torch's threads set (`fastpath.configure_threads`); a
+    `--preprocess` is checked against a named `arch` before anything is downloaded (else against the
+    loaded model's); the model is loaded inside `downloads()`, whose value is the download progress
+    callback (the CLI's bar); each of the factory's notes goes to `note`; `torch_classifier` settles
+    the plan (`expected_count`: the number of inputs when known; None: many, so that a plan with
+    set-up costs pays back).
+    """
+    from resnetcli.factory import load_model
+    from resnetcli.fastpath import configure_threads
+
+    chosen_device = resolve_device(device)
+    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
+    configure_threads(threads)
+    with downloads() as on_progress:
+        loaded = load_model(
+            arch, weights, labels=labels, settings=settings, on_progress=on_progress, trust_checkpoint=trust_checkpoint
+        )
+    if preprocess is not None and arch is None:
+        preprocess_with = preprocessing_weights(loaded.arch, preprocess)
+    for text in loaded.notes:
+        note(text)
+    return torch_classifier(
+        loaded,
+        transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
+        device=chosen_device,
+        batch_size=batch_size,
+        expected_count=expected_count,
     )
 
 

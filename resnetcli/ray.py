@@ -9,13 +9,13 @@
         concurrency=4, batch_size=32,
     )
 
-Each actor builds its model side once, exactly as `resnet predict` does (`factory.load_model`, the
-same preprocessing choice, `inference.torch_classifier`; a `.onnx` file through `onnxrt`, without
-torch), and makes its records with predict's own `predict.batch_predictions`. A row answers with
-the fields of a predict record: `input`, `arch`, `weights`, `top` (a list of {rank, index, label,
-prob}) and `error`, which is set (and the others are null) for an input that could not be read or
-decoded. A bad image never fails a block. `record(row)` turns a row back into the exact record
-`resnet predict` prints.
+Each actor builds its model side once, with the function `resnet predict` builds it with
+(`inference.load_torch_classifier`: the factory, the preprocessing choice, the inference plan; a
+`.onnx` file through `onnxrt`, without torch), and makes its records with predict's own
+`predict.batch_predictions`. A row answers with the fields of a predict record: `input`, `arch`,
+`weights`, `top` (a list of {rank, index, label, prob}) and `error`, which is set (and the others
+are null) for an input that could not be read or decoded. A bad image never fails a block.
+`record(row)` turns a row back into the exact record `resnet predict` prints.
 
 Needs the `resnetcli[ray]` extra (Ray Data); importing this module without it raises ImportError
 saying so.
@@ -94,10 +94,13 @@ class Classifier:
                 device=device, threads=threads,
             )  # fmt: skip
         else:
-            self.classifier = torch_side(
+            from resnetcli.inference import load_torch_classifier
+
+            # expected_count None: an actor classifies many images, so a plan with set-up costs pays back.
+            self.classifier = load_torch_classifier(
                 arch, weights, labels=labels, preprocess=preprocess, input_size=input_size, resize=resize,
                 device=device, threads=threads, settings=self.settings, trust_checkpoint=trust_checkpoint,
-                batch_size=batch_size,
+                batch_size=batch_size, expected_count=None, note=lambda text: log.warning("%s", text),
             )  # fmt: skip
         from resnetcli.predict import default_workers
 
@@ -147,42 +150,6 @@ class Classifier:
             return self.classifier.preprocess(image)
         except ImageRefused as refused:
             raise InputError(name, str(refused)) from None
-
-
-def torch_side(
-    arch: str | None,
-    weights: str,
-    *,
-    labels: list[str] | None,
-    preprocess: str | None,
-    input_size: int | None,
-    resize: int | None,
-    device: str,
-    threads: int | None,
-    settings: Any,
-    trust_checkpoint: bool,
-    batch_size: int,
-):
-    """The `predict.Classifier` of a torchvision model, made as `resnet predict` makes it: the same
-    factory, the same choice of preprocessing, `inference.torch_classifier`'s inference plan."""
-    from resnetcli.factory import load_model
-    from resnetcli.fastpath import configure_threads
-    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
-
-    chosen_device = resolve_device(device)
-    configure_threads(threads)
-    loaded = load_model(arch, weights, labels=labels, settings=settings, trust_checkpoint=trust_checkpoint)
-    for note in loaded.notes:
-        log.warning("%s", note)
-    preprocess_with = preprocessing_weights(loaded.arch, preprocess) if preprocess is not None else None
-    # expected_count None: an actor classifies many images, so a plan with set-up costs pays back.
-    return torch_classifier(
-        loaded,
-        transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
-        device=chosen_device,
-        batch_size=batch_size,
-        expected_count=None,
-    )
 
 
 def is_onnx(weights: str | None) -> bool:

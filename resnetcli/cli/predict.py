@@ -319,10 +319,14 @@ def predict(
                 interpolation=interpolation, settings=settings, on_progress=on_progress,
             )  # fmt: skip
         if classifier is None:
-            classifier = torch_side(
+            from resnetcli.inference import load_torch_classifier
+
+            # The model side is settled here, once; the pipeline below only runs it.
+            classifier = load_torch_classifier(
                 arch, weights, labels=label_names, trust_checkpoint=trust_checkpoint, preprocess=preprocess,
                 input_size=input_size, resize=resize, device=device, threads=threads, batch_size=batch_size,
                 expected_count=counted_inputs(inputs, shard_spec), settings=settings,
+                downloads=download_progress, note=warn,
             )  # fmt: skip
         # --- end runtime ---
         cancel = threading.Event()
@@ -371,49 +375,3 @@ def predict(
         raise
     if report.failed:
         raise typer.Exit(int(ExitStatus.INPUTS_FAILED))
-
-
-def torch_side(
-    arch: Optional[str],
-    weights: str,
-    *,
-    labels: Optional[list[str]],
-    trust_checkpoint: bool,
-    preprocess: Optional[str],
-    input_size: Optional[int],
-    resize: Optional[int],
-    device: str,
-    threads: Optional[int],
-    batch_size: int,
-    expected_count: Optional[int],
-    settings,
-):
-    """The pipeline's Classifier on torch: the model loaded through the factory, settled once."""
-    from resnetcli.factory import load_model
-    from resnetcli.fastpath import configure_threads
-    from resnetcli.inference import choose_transforms, preprocessing_weights, resolve_device, torch_classifier
-
-    chosen_device = resolve_device(device)
-    preprocess_with = preprocessing_weights(arch, preprocess) if preprocess is not None and arch else None
-    configure_threads(threads)
-    with download_progress() as on_progress:
-        loaded = load_model(
-            arch,
-            weights,
-            labels=labels,
-            settings=settings,
-            on_progress=on_progress,
-            trust_checkpoint=trust_checkpoint,
-        )
-    if preprocess is not None and arch is None:
-        preprocess_with = preprocessing_weights(loaded.arch, preprocess)
-    for note in loaded.notes:
-        warn(note)
-    # The model side is settled here, once; the pipeline below only runs it.
-    return torch_classifier(
-        loaded,
-        transforms=choose_transforms(loaded, preprocess_with, input_size=input_size, resize=resize),
-        device=chosen_device,
-        batch_size=batch_size,
-        expected_count=expected_count,
-    )
