@@ -13,7 +13,6 @@ other runtime (ONNX Runtime, a remote service) plugs in the same way. Nothing he
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 from resnetcli.errors import InputError
+from resnetcli.fastpath import usable_cpu_count
 from resnetcli.images import ImageRefused, load_image
 from resnetcli.inputs import Input
 from resnetcli.urls import is_url, redact_url
@@ -146,8 +146,12 @@ def batch_predictions(
 
 
 def default_workers() -> int:
-    """Decoder threads when `--workers` is not given: one per core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Decoder threads when `--workers` is not given: one per CPU this process may run on, at most 8.
+
+    The CPUs are counted as for torch's threads (`fastpath.usable_cpu_count`: the affinity mask and
+    the cgroup CPU quota), so a job confined to a share of the machine does not oversubscribe it.
+    """
+    return max(1, min(8, usable_cpu_count()))
 
 
 def shown(source: str) -> str:
@@ -240,6 +244,7 @@ def predict(
     or walking a folder stops too.
     """
     workers = workers or default_workers()
+    log.debug("%d decoder thread(s)", workers)
     cancel = cancel if cancel is not None else threading.Event()
     slots = threading.Semaphore(batch_size + 2 * workers)
     ready: queue.SimpleQueue = queue.SimpleQueue()

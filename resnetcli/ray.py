@@ -104,7 +104,7 @@ class Classifier:
             )  # fmt: skip
         from resnetcli.predict import default_workers
 
-        # Decoding threads: as many as the actor's CPUs, as the local engine has one per core.
+        # Decoding threads: as many as the actor's CPUs, as the local engine has one per usable CPU.
         decoders = workers or threads or default_workers()
         self.pool = ThreadPoolExecutor(max_workers=decoders, thread_name_prefix="resnet-decode")
         log.debug("Classifier ready: %s (%s)", self.classifier.arch, self.classifier.weights)

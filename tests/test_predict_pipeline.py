@@ -9,7 +9,9 @@ import logging
 import os
 import re
 import select
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -170,6 +172,29 @@ def test_a_fast_path_fallback_is_logged_at_debug_level(caplog):
 
 # ---------------------------------------------------------------------------------------------
 # Issue 16: threads, streaming, progress
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_decoder_threads_default_to_the_cpus_the_process_may_run_on(tmp_path, model_args, sample_images):
+    """`taskset -c N resnet predict` (one CPU of several): one decoder thread, as one torch thread, as --debug says."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs at least 2 usable CPUs: with one, every default is one thread")
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    argv = ["taskset", "-c", str(cpu), sys.executable, "-m", "resnetcli", "--debug", "predict", sample_images[1]]
+    done = subprocess.run(
+        [*map(str, argv), *model_args, "--top", "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=subprocess_env(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert jsonl(done.stdout)[0]["top"][0]["index"] == 281
+    debug = done.stderr.splitlines()
+    decoders = [line for line in debug if "decoder thread" in line]
+    assert decoders == ["resnet: debug: resnetcli.predict: 1 decoder thread(s)"]
+    assert "resnet: debug: resnetcli.fastpath: torch uses 1 intra-op thread(s)" in debug
 
 
 def test_threads_default_to_the_affinity_mask_of_the_process(tmp_path, steered_resnet18, sample_images):

@@ -230,7 +230,7 @@ def predict(
             "-j",
             rich_help_panel="Performance",
             min=1,
-            help="Threads decoding and preprocessing images (default: one per core, at most 8).",
+            help="Threads decoding and preprocessing images (default: one per CPU this process may run on, at most 8).",
         ),
     ] = None,
     device: Annotated[

@@ -49,7 +49,12 @@ WeightsOption = Annotated[
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per step.")]
 WorkersOption = Annotated[
     Optional[int],
-    typer.Option("--workers", "-j", min=1, help="Threads decoding images (default: one per core, at most 8)."),
+    typer.Option(
+        "--workers",
+        "-j",
+        min=1,
+        help="Threads decoding images (default: one per CPU this process may run on, at most 8).",
+    ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 ThreadsOption = Annotated[
