@@ -412,6 +412,11 @@ def main() -> None:
     print(markdown_targets(targets))
     print()
     print(arithmetic)
+    naive_big = by(big, "naive script").wall_s
+    print(
+        f"ceiling: a pipeline at exactly the physical limit would run the {big_count}-photo job at"
+        f" {naive_big / limit:.2f}x the naive loop's images/s (naive {naive_big:.2f} s / limit {limit:.2f} s)"
+    )
     print(
         f"default runtime for large jobs: {'ONNX Runtime' if raw > 1 else 'the traced torch graph'}"
         f" (raw inference {raw:.2f}x)"
@@ -428,6 +433,7 @@ def main() -> None:
             "startup_s": startup,
             "limit_s": limit,
             "measured_s": measured,
+            "ceiling_vs_naive": by(big, "naive script").wall_s / limit,
         },
         "samples": [p.name for p in SAMPLES],
     }

@@ -45,10 +45,18 @@ def require_onnxruntime(option: str = "--runtime onnxruntime"):
 
 
 def open_session(path: Path, threads: int | None = None, option: str = "--weights"):
-    """An ONNX Runtime CPU session on `path`, or CheckpointError (exit 3) for a file it cannot load."""
+    """An ONNX Runtime CPU session on `path`, or CheckpointError (exit 3) for a file it cannot load.
+
+    Its intra-op threads sleep instead of spinning between operators (ONNX Runtime spins by
+    default): in predict they share the cores with the decoder threads, and in batch jobs with
+    other processes. Measured on 256 photos of 0.1-10 MP with resnet50 on 2 cores, spinning cost
+    2.6 core-s of 29 on a loaded machine and 0.8 of 26 on a quiet one (wall time 2% longer there)
+    (bench/README.md, "ONNX Runtime").
+    """
     ort = require_onnxruntime(f"{option} {path}")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings would be unformatted stderr lines
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
