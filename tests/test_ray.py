@@ -305,6 +305,19 @@ def test_ray_options_need_engine_ray(sample_images, runner, app):
     assert "--address, --actors and --output-dir need --engine ray" in result.stderr
 
 
+def test_runtime_onnxruntime_with_engine_ray_is_refused_not_ignored(sample_images, runner, app):
+    """The Ray engine runs an ONNX model given as --weights FILE.onnx; asking it for the local engine's
+    cached export must not quietly run torch instead."""
+    result = runner.invoke(
+        app, ["predict", str(sample_images[0]), "-w", "none", "--engine", "ray", "--runtime", "onnxruntime"]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "resnet: error: --runtime onnxruntime is for the local engine; with --engine ray, give the ONNX model "
+        "itself: --weights FILE.onnx (`resnet export` makes one)"
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # The Python API
 

@@ -274,6 +274,14 @@ def predict(
     if engine is Engine.ray:
         from resnetcli.cli.predict_ray import predict_on_ray
 
+        if runtime is Runtime.onnxruntime:
+            from resnetcli.errors import UsageError
+
+            raise UsageError(
+                "--runtime onnxruntime is for the local engine; with --engine ray, give the ONNX model "
+                "itself: --weights FILE.onnx (`resnet export` makes one)"
+            )
+
         return predict_on_ray(
             inputs, output=output, output_format=output_format, strict=strict, shard=shard, labels=labels,
             trust_checkpoint=trust_checkpoint, arch=arch, weights=weights, top=top, threshold=threshold,
