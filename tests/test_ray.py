@@ -305,17 +305,32 @@ def test_ray_options_need_engine_ray(sample_images, runner, app):
     assert "--address, --actors and --output-dir need --engine ray" in result.stderr
 
 
-def test_runtime_onnxruntime_with_engine_ray_is_refused_not_ignored(sample_images, runner, app):
-    """The Ray engine runs an ONNX model given as --weights FILE.onnx; asking it for the local engine's
-    cached export must not quietly run torch instead."""
-    result = runner.invoke(
-        app, ["predict", str(sample_images[0]), "-w", "none", "--engine", "ray", "--runtime", "onnxruntime"]
-    )
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            ["--runtime", "onnxruntime"],
+            "--runtime onnxruntime is for the local engine; with --engine ray, give the ONNX model "
+            "itself: --weights FILE.onnx (`resnet export` makes one)",
+        ),
+        (
+            ["--mean", "0.5,0.5,0.5"],
+            "--mean, --std and --interpolation are for the local engine; with --engine ray, give an "
+            "ONNX model with resnetcli's metadata (`resnet export`)",
+        ),
+        (
+            ["--interpolation", "bicubic"],
+            "--mean, --std and --interpolation are for the local engine; with --engine ray, give an "
+            "ONNX model with resnetcli's metadata (`resnet export`)",
+        ),
+    ],
+)
+def test_local_engine_options_with_engine_ray_are_refused_not_ignored(sample_images, runner, app, option, message):
+    """The Ray engine runs an ONNX model given as --weights FILE.onnx, with its own metadata; the local
+    engine's cached export and preprocessing options must not be quietly dropped (torch running instead)."""
+    result = runner.invoke(app, ["predict", str(sample_images[0]), "-w", "none", "--engine", "ray", *option])
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [
-        "resnet: error: --runtime onnxruntime is for the local engine; with --engine ray, give the ONNX model "
-        "itself: --weights FILE.onnx (`resnet export` makes one)"
-    ]
+    assert result.stderr.strip().splitlines() == [f"resnet: error: {message}"]
 
 
 # ---------------------------------------------------------------------------------------------

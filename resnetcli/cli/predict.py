@@ -273,13 +273,17 @@ def predict(
     # --- engine ray ---
     if engine is Engine.ray:
         from resnetcli.cli.predict_ray import predict_on_ray
+        from resnetcli.errors import UsageError
 
         if runtime is Runtime.onnxruntime:
-            from resnetcli.errors import UsageError
-
             raise UsageError(
                 "--runtime onnxruntime is for the local engine; with --engine ray, give the ONNX model "
                 "itself: --weights FILE.onnx (`resnet export` makes one)"
+            )
+        if mean is not None or std is not None or interpolation is not None:
+            raise UsageError(
+                "--mean, --std and --interpolation are for the local engine; with --engine ray, give an "
+                "ONNX model with resnetcli's metadata (`resnet export`)"
             )
 
         return predict_on_ray(
