@@ -339,7 +339,7 @@ def main() -> None:
                 "naive script": naive_command("resnet50", checkpoints["resnet50"], photos_big),
                 ort_name: onnx_command(models["resnet50"], photos_big, wired),
             },
-            max(2, repeats // 2),
+            max(3, repeats // 2),  # a median of at least 3
             env,
             images=big_count,
         )
