@@ -65,6 +65,11 @@ def make_checkpoint(arch: str, folder: Path) -> Path:
     return final
 
 
+def naive_command(arch: str, checkpoint, images) -> list[str]:
+    """The tutorial baseline (bench/naive_predict.py) on `checkpoint` and `images`."""
+    return [PYTHON, str(BENCH / "naive_predict.py"), "--arch", arch, "--weights", str(checkpoint), *map(str, images)]
+
+
 def make_photos(folder: Path, count: int) -> list[Path]:
     """`count` JPEGs cycling through the sample photos and the upscaling factors in SCALES."""
     from PIL import Image
@@ -461,15 +466,7 @@ def main() -> None:
                         *threads_option,
                         cat,
                     ],
-                    "naive script": [
-                        PYTHON,
-                        str(BENCH / "naive_predict.py"),
-                        "--arch",
-                        arch,
-                        "--weights",
-                        str(checkpoints[arch]),
-                        cat,
-                    ],
+                    "naive script": naive_command(arch, checkpoints[arch], [cat]),
                 },
                 repeats,
                 env,
@@ -502,15 +499,7 @@ def main() -> None:
                     *predict_threads,
                 ],
                 "fast path preview": preview + photos,
-                "naive script": [
-                    PYTHON,
-                    str(BENCH / "naive_predict.py"),
-                    "--arch",
-                    arch,
-                    "--weights",
-                    weights,
-                    *photos,
-                ],
+                "naive script": naive_command(arch, weights, photos),
             }
             if arch == "resnet50":
                 commands["fast path preview + draft decoding"] = preview + ["--draft"] + photos
